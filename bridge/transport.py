@@ -1,0 +1,52 @@
+"""The bridge's view of a chat network. Telegram is one implementation; tests use an in-memory one
+and ``valor chat`` a console one. The pipeline depends only on this interface."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    chat_id: int
+    message_id: int
+    sender_id: int
+    sender_name: str
+    text: str
+    sent_at: float
+    is_group: bool = False
+    mentions_valor: bool = False
+    replies_to_valor: bool = False
+    media_paths: tuple[Path, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class SentMessage:
+    chat_id: int
+    message_id: int
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What the bridge needs from a chat network."""
+
+    def updates(self) -> AsyncIterator[IncomingMessage]:
+        """Incoming messages, including those missed while offline (caught up on connect)."""
+        ...
+
+    async def send_text(
+        self, chat_id: int, text: str, *, reply_to: int | None = None
+    ) -> SentMessage: ...
+
+    async def edit_text(self, message: SentMessage, text: str) -> None: ...
+
+    async def send_file(
+        self, chat_id: int, path: Path, *, caption: str = "", reply_to: int | None = None
+    ) -> SentMessage: ...
+
+    async def signal(self, chat_id: int, kind: str, *, message_id: int | None = None) -> None:
+        """A receipt or progress signal: kind is "received" (reaction) or "typing"."""
+        ...

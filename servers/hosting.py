@@ -1,0 +1,107 @@
+"""Host every Valor server in one process over streamable HTTP on loopback.
+
+Each server's ``http_app()`` is mounted under ``/<server-name>`` (its endpoint is
+``/<server-name>/mcp``); the parent lifespan enters every mounted app's lifespan, without which
+requests fail with "Task group is not initialized". With a scope secret, every request must carry
+a valid bearer token (see ``servers.core.trust``); others get 401 before reaching a server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from servers import load_all
+from servers.core import trust
+
+MCP_PATH = "/mcp"
+
+
+def endpoint(base_url: str, server_name: str) -> str:
+    return f"{base_url.rstrip('/')}/{server_name}{MCP_PATH}"
+
+
+class RequireScopeToken:
+    """ASGI middleware: refuse any HTTP request without a valid signed scope token."""
+
+    def __init__(self, app: Any, secret: bytes):
+        self.app = app
+        self.secret = secret
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        token = trust.bearer_token(headers.get("authorization"))
+        try:
+            if token is None:
+                raise trust.ScopeTokenError("missing bearer token")
+            trust.verify_scope_token(self.secret, token)
+        except trust.ScopeTokenError as exc:
+            body = json.dumps({"error": "unauthorized", "detail": str(exc)}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 401,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def build_app(secret: bytes | None = None, names: list[str] | None = None) -> Any:
+    """One Starlette app serving every (or the named) server; token-checked when secret is set."""
+    servers = load_all()
+    if names is not None:
+        servers = {name: servers[name] for name in names}
+    apps = {name: server.http_app(path=MCP_PATH) for name, server in servers.items()}
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for app in apps.values():
+                await stack.enter_async_context(app.lifespan(app))
+            yield
+
+    parent = Starlette(
+        routes=[Mount(f"/{name}", app=app) for name, app in apps.items()], lifespan=lifespan
+    )
+    trust.configure_http_secret(secret)
+    if secret is None:
+        return parent
+    return RequireScopeToken(parent, secret)
+
+
+@asynccontextmanager
+async def hosted(
+    secret: bytes | None = None, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Serve every server on loopback inside the running event loop; yields the base URL."""
+    import asyncio
+
+    import uvicorn
+
+    config = uvicorn.Config(
+        build_app(secret), host=host, port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # start-up failed: raise its error here
+                raise RuntimeError("the MCP host stopped during start-up")
+            await asyncio.sleep(0.01)
+        bound_port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://{host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        await task
