@@ -50,3 +50,21 @@ class Transport(Protocol):
     async def signal(self, chat_id: int, kind: str, *, message_id: int | None = None) -> None:
         """A receipt or progress signal: kind is "received" (reaction) or "typing"."""
         ...
+
+
+@runtime_checkable
+class ReplySink(Protocol):
+    """Where one streamed answer goes. The pipeline calls these in order; an implementation
+    decides how often the chat actually sees an edit (bridge/live.py rate-controls Telegram)."""
+
+    async def text(self, text: str) -> None:
+        """The whole answer text so far (not a delta)."""
+        ...
+
+    async def tool_progress(self, tool_name: str, detail: str = "") -> None: ...
+
+    async def finish(self, final_text: str, files: list[Path] | None = None) -> None: ...
+
+    async def fail(self, message: str) -> None:
+        """The run failed: tell the user plainly (never silence)."""
+        ...

@@ -7,19 +7,15 @@ Secrets are ``SecretStr``: they never appear in reprs, logs or error text.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from servers.core.paths import default_data_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "valor"
 
 
 def _alias(*names: str) -> AliasChoices:
@@ -37,7 +33,7 @@ class Settings(BaseSettings):
 
     # --- storage and directories ---
     data_dir: Path = Field(
-        default_factory=_default_data_dir,
+        default_factory=default_data_dir,
         description="Where the SQLite store, media and temporary files live.",
     )
     media_dir: Path | None = Field(
