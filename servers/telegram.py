@@ -6,10 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from servers.core import history
 from servers.core.app import create_server
-from servers.core.settings import get_settings
-from servers.core.store import get_store, now
 from servers.core.trust import resolve_chat_id
 
 mcp = create_server(
@@ -64,6 +61,10 @@ def search_conversation_history(
     max_results: Annotated[int, Field(ge=1, le=200, description="How many hits at most")] = 10,
 ) -> HistorySearch:
     """Full-text search of the chat's message history, best matches first, with snippets."""
+    from servers.core import history
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
     chat = resolve_chat_id(chat_id)
     limit = min(max_results, get_settings().history_max_results)
     hits = history.search_history(get_store(), query, chat, limit)
@@ -79,6 +80,10 @@ def get_conversation_context(
     max_messages: Annotated[int, Field(ge=1, le=500, description="Newest N messages")] = 50,
 ) -> ConversationContext:
     """Recent messages of the chat in order, formatted for a model and bounded in size."""
+    from servers.core import history
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store, now
+
     chat = resolve_chat_id(chat_id)
     settings = get_settings()
     rows = history.recent_messages(get_store(), chat, now() - hours_back * 3600, max_messages)

@@ -80,6 +80,7 @@ async def test_query_syntax_people_type(store, query, expected):
         ("billing)", "has no '('"),
         ("AND OR", "no words"),
         ("billing AND", "could not be parsed"),
+        ("b*", "at least 2 characters"),
     ],
 )
 async def test_malformed_search_is_a_clear_input_error(store, query, message):

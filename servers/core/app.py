@@ -2,29 +2,67 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastmcp import FastMCP
-from fastmcp.exceptions import ToolError
+from fastmcp.exceptions import ToolError, ValidationError
 from fastmcp.server.middleware import Middleware
 
-from servers.core.errors import mask_unexpected
+from servers.core.errors import input_error, mask_unexpected, redact
 
 
 class MaskUnexpectedErrors(Middleware):
-    """ToolErrors pass through as they are; anything else becomes an internal error with an id."""
+    """ValorErrors pass through as they are; anything else becomes an internal error with an id.
+
+    FastMCP itself turns an unexpected exception into a bare ToolError ("Error calling tool x")
+    chained to the original; that chain is how the original is recognised here.
+    """
 
     async def on_call_tool(self, context: Any, call_next: Any) -> Any:
+        name = getattr(context.message, "name", "tool")
         try:
             return await call_next(context)
-        except ToolError:
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, Exception) and not isinstance(cause, ToolError):
+                raise mask_unexpected(cause, name) from None
             raise
+        except ValidationError as exc:  # the arguments did not match the tool's schema
+            raise invalid_arguments(exc) from None
         except Exception as exc:
-            name = getattr(context.message, "name", "tool")
             raise mask_unexpected(exc, name) from None
 
 
+def invalid_arguments(exc: ValidationError) -> Exception:
+    """An [input] error naming each bad argument (pydantic's messages carry no secrets)."""
+    cause = exc.__cause__
+    errors = getattr(cause, "errors", None)
+    if not callable(errors):
+        return input_error(f"Invalid arguments: {exc}")
+    problems = [
+        f"{'.'.join(str(part) for part in error.get('loc', ())) or 'arguments'}: {error['msg']}"
+        for error in errors(include_url=False, include_input=False)
+    ]
+    return input_error("Invalid arguments: " + "; ".join(problems))
+
+
+class DropUnmaskedTracebacks(logging.Filter):
+    """FastMCP logs a tool's unexpected exception with its traceback, unredacted; Valor logs it
+    itself (redacted, with a correlation id), so FastMCP's copy loses the traceback and text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_info = None
+            record.exc_text = None
+        record.msg = redact(str(record.msg))
+        return True
+
+
 def create_server(name: str, instructions: str) -> FastMCP:
+    fastmcp_logger = logging.getLogger("fastmcp.server.server")
+    if not any(isinstance(f, DropUnmaskedTracebacks) for f in fastmcp_logger.filters):
+        fastmcp_logger.addFilter(DropUnmaskedTracebacks())
     server = FastMCP(name, instructions=instructions, mask_error_details=True)
     server.add_middleware(MaskUnexpectedErrors())
     return server

@@ -18,6 +18,7 @@ from servers.core.errors import input_error
 from servers.core.store import Store, now
 
 OPERATORS = {"AND", "OR", "NOT"}
+MIN_PREFIX = 2
 _WORD_CHARS = re.compile(r"\w", re.UNICODE)
 TRUNCATION_MARK = "… [{} more characters]"
 
@@ -56,6 +57,7 @@ def record_messages(store: Store, messages: Iterable[Message]) -> int:
         if row[4] not in ("in", "out"):
             raise ValueError(f"direction must be 'in' or 'out', not {row[4]!r}")
     with store.transaction() as conn:
+        (last_id,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         cursor = conn.executemany(
             """
             INSERT INTO messages (chat_id, message_id, sender, sender_id, direction, text, sent_at)
@@ -64,7 +66,13 @@ def record_messages(store: Store, messages: Iterable[Message]) -> int:
             """,
             rows,
         )
-        inserted = cursor.rowcount  # direct changes only, not the FTS triggers
+        inserted = cursor.rowcount
+        # Index the new rows in one statement (see migrations: no per-row insert trigger).
+        conn.execute(
+            "INSERT INTO messages_fts (rowid, text, chat_key) "
+            "SELECT id, text, chat_key FROM messages WHERE id > ?",
+            (last_id,),
+        )
         if inserted < len(rows):
             # Redelivered or edited messages: update only rows whose text actually changed.
             conn.executemany(
@@ -112,7 +120,12 @@ def to_fts_query(user_query: str) -> str:
                 parts.append(word)
             elif _WORD_CHARS.search(word):
                 prefix = word.endswith("*")
-                parts.append(_quote(word.rstrip("*")) + ("*" if prefix else ""))
+                stem = word.rstrip("*")
+                if prefix and len(stem) < MIN_PREFIX:
+                    raise input_error(
+                        f"A prefix search needs at least {MIN_PREFIX} characters before '*'."
+                    )
+                parts.append(_quote(stem) + ("*" if prefix else ""))
     if depth != 0:
         raise input_error("Unbalanced parentheses in the search: a '(' is never closed.")
     if not any(p not in OPERATORS and p not in "()" for p in parts):

@@ -1,0 +1,182 @@
+"""Conversation history at scale, and the telegram-tools stdio cold start.
+
+Prints: ingest rate (messages/s) and search latency p50/p95 on synthetic messages across chats;
+then spawn-to-tools/list time of the telegram-tools server beside a bare FastMCP hello-world
+server, measured alternately in the same run.
+
+    .venv/bin/python bench/history.py                 # 1,000,000 messages, 1,000 chats
+    .venv/bin/python bench/history.py --messages 100000 --chats 100 --starts 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from servers.core.history import Message, record_messages, search_history  # noqa: E402
+from servers.core.store import Store  # noqa: E402
+
+HELLO_SERVER = """
+from fastmcp import FastMCP
+mcp = FastMCP("hello")
+
+@mcp.tool
+def hello(name: str) -> str:
+    return f"hello {name}"
+
+mcp.run(show_banner=False)
+"""
+
+
+def vocabulary(size: int, rng: random.Random) -> list[str]:
+    syllables = ["ka", "lo", "mi", "ru", "ten", "sa", "vo", "di", "pe", "zu", "ar", "ne", "qui"]
+    words: set[str] = set()
+    while len(words) < size:
+        words.add("".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))))
+    return sorted(words)
+
+
+def synthetic_messages(count: int, chats: int, seed: int = 7):
+    rng = random.Random(seed)
+    words = vocabulary(20_000, rng)
+    # Zipf-like: a few words are everywhere, most are rare, as in real chat.
+    weights = [1 / (rank + 1) for rank in range(len(words))]
+    cumulative = list(__import__("itertools").accumulate(weights))
+    start = time.time() - 365 * 86400
+    for i in range(count):
+        chat = i % chats
+        length = rng.randint(6, 24)
+        text = " ".join(rng.choices(words, cum_weights=cumulative, k=length))
+        yield Message(
+            chat_id=chat,
+            message_id=i // chats,
+            text=text,
+            sender=f"user{rng.randint(0, 50)}",
+            sender_id=rng.randint(1, 10_000),
+            direction="in" if i % 3 else "out",
+            sent_at=start + i * 30,
+        ), words
+
+
+def ingest(store: Store, count: int, chats: int, batch: int = 20_000) -> tuple[float, list[str]]:
+    pending: list[Message] = []
+    words: list[str] = []
+    generated = synthetic_messages(count, chats)
+    # Generate first so the rate measures the store, not the generator.
+    prepared = []
+    for message, words in generated:
+        prepared.append(message)
+    started = time.perf_counter()
+    for message in prepared:
+        pending.append(message)
+        if len(pending) >= batch:
+            record_messages(store, pending)
+            pending.clear()
+    if pending:
+        record_messages(store, pending)
+    elapsed = time.perf_counter() - started
+    return count / elapsed, words
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def search_latency(store: Store, words: list[str], chats: int, queries: int = 1000):
+    rng = random.Random(11)
+    common, rare = words[:200], words[200:5000]
+    kinds = {
+        "common word": lambda: rng.choice(common),
+        "rare word": lambda: rng.choice(rare),
+        "two words": lambda: f"{rng.choice(common)} {rng.choice(rare)}",
+        "phrase": lambda: f'"{rng.choice(common)} {rng.choice(common)}"',
+        "prefix*": lambda: rng.choice(rare)[:4] + "*",
+    }
+    timings: dict[str, list[float]] = {kind: [] for kind in kinds}
+    names = list(kinds)
+    for i in range(queries):
+        kind = names[i % len(names)]
+        query = kinds[kind]()
+        chat = rng.randrange(chats)
+        started = time.perf_counter()
+        search_history(store, query, chat, 10)
+        timings[kind].append((time.perf_counter() - started) * 1000)
+    return timings
+
+
+async def time_to_tools_list(command: list[str], env: dict[str, str]) -> float:
+    from mcp import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(command=command[0], args=command[1:], env=env, cwd=str(REPO))
+    started = time.perf_counter()
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        await session.list_tools()
+        elapsed = time.perf_counter() - started
+    return elapsed
+
+
+def cold_starts(starts: int, data_dir: str) -> tuple[list[float], list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        hello = Path(tmp) / "hello_server.py"
+        hello.write_text(HELLO_SERVER)
+        env = {"VALOR_DATA_DIR": data_dir, "PATH": os.environ.get("PATH", "")}
+        python = str(REPO / ".venv" / "bin" / "python")
+        bare, valor = [], []
+        for _ in range(starts):  # alternate so machine noise hits both alike
+            bare.append(asyncio.run(time_to_tools_list([python, str(hello)], env)))
+            valor.append(asyncio.run(time_to_tools_list([python, "-m", "servers.telegram"], env)))
+        return bare, valor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--chats", type=int, default=1_000)
+    parser.add_argument("--queries", type=int, default=1_000)
+    parser.add_argument("--starts", type=int, default=10)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "valor.db")
+        rate, words = ingest(store, args.messages, args.chats)
+        print(f"messages: {args.messages:,} across {args.chats:,} chats")
+        print(f"ingest: {rate:,.0f} messages/s   (target >= 50,000)")
+        by_kind = search_latency(store, words, args.chats, args.queries)
+        timings = [t for values in by_kind.values() for t in values]
+        for kind, values in by_kind.items():
+            print(
+                f"  {kind:12} p50 {percentile(values, 0.5):6.2f} ms  "
+                f"p95 {percentile(values, 0.95):6.2f} ms"
+            )
+        print(
+            f"search ({args.queries} queries, 10 hits each): "
+            f"p50 {percentile(timings, 0.5):.2f} ms  p95 {percentile(timings, 0.95):.2f} ms  "
+            f"max {max(timings):.2f} ms   (targets p50 <= 5 ms, p95 <= 20 ms)"
+        )
+        print(f"database size: {store.size_bytes() / 1e6:,.0f} MB")
+        store.close()
+
+        bare, valor = cold_starts(args.starts, tmp)
+    bare_median, valor_median = statistics.median(bare), statistics.median(valor)
+    print(
+        f"stdio cold start, spawn to tools/list, median of {args.starts}: "
+        f"bare FastMCP {bare_median * 1000:.0f} ms, telegram-tools {valor_median * 1000:.0f} ms, "
+        f"ratio {valor_median / bare_median:.3f}   (target <= 1.10)"
+    )
+
+
+if __name__ == "__main__":
+    main()

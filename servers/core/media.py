@@ -1,0 +1,140 @@
+"""Images in the media directory: confined paths, validated formats, bounded sizes.
+
+Every path a tool receives is confined to the media directory: relative paths are taken from it,
+absolute paths must lie inside it, ``..`` is refused outright, and the real path (symlinks
+followed) must still be inside it. The file is opened without following a final symlink, its
+size is checked on the open descriptor, and its first bytes must be a JPEG, PNG, GIF or WebP
+signature, whatever its name says.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+from servers.core.errors import Category, ValorError
+
+EXTENSIONS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+EXTENSIONS |= {".gif": "image/gif", ".webp": "image/webp"}
+SUFFIX_FOR_TYPE = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif"}
+SUFFIX_FOR_TYPE |= {"image/webp": ".webp"}
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path  # real path inside the media directory
+    relative: str  # path relative to the media directory, for messages
+    mime_type: str  # from the bytes, not the name
+    size: int
+    data: bytes
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """The image type its leading bytes announce, or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def confine(image_path: str, media_dir: Path) -> tuple[Path, str]:
+    """The real path of image_path inside media_dir, and the relative form; refuses escapes."""
+    text = (image_path or "").strip()
+    if not text:
+        raise ValorError(Category.INPUT, "image_path is empty: pass the image's path.")
+    if "\x00" in text:
+        raise ValorError(Category.INPUT, "image_path contains a NUL byte.")
+    base = media_dir.resolve()
+    candidate = PurePath(text)
+    if ".." in candidate.parts:
+        raise ValorError(
+            Category.INPUT, "image_path may not contain '..': pass a path inside the media folder."
+        )
+    joined = Path(candidate) if candidate.is_absolute() else base / candidate
+    # resolve() without strict follows every symlink that exists; the result must stay inside.
+    real = Path(os.path.realpath(joined))
+    if not real.is_relative_to(base):
+        if candidate.is_absolute() and not Path(os.path.abspath(joined)).is_relative_to(base):
+            message = "image_path is outside the media folder; only images there can be read."
+        else:
+            message = "image_path leads outside the media folder (through a symlink); refused."
+        raise ValorError(Category.INPUT, message)
+    return real, str(real.relative_to(base))
+
+
+def read_image(image_path: str, media_dir: Path, max_bytes: int) -> ImageFile:
+    """Confine, check the extension, open without following a final symlink, check size and
+    magic bytes, then read."""
+    real, relative = confine(image_path, media_dir)
+    suffix = real.suffix.lower()
+    if suffix not in EXTENSIONS:
+        allowed = ", ".join(sorted(EXTENSIONS))
+        raise ValorError(
+            Category.INPUT, f"{relative} is not a supported image type (use {allowed})."
+        )
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ValorError(Category.FILE, f"No image at {relative} in the media folder.") from None
+    except OSError as exc:
+        raise ValorError(
+            Category.FILE, f"{relative} could not be opened ({exc.strerror})."
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ValorError(Category.FILE, f"{relative} is not a regular file.")
+    with os.fdopen(fd, "rb") as handle:
+        if info.st_size > max_bytes:
+            raise ValorError(
+                Category.FILE,
+                f"{relative} is {info.st_size:,} bytes; the limit is {max_bytes:,} "
+                "(VALOR_IMAGE_MAX_BYTES). Send a smaller image.",
+            )
+        if info.st_size == 0:
+            raise ValorError(Category.ENCODING, f"{relative} is empty, not an image.")
+        head = handle.read(16)
+        mime_type = sniff_image_type(head)
+        if mime_type is None:
+            raise ValorError(
+                Category.ENCODING,
+                f"{relative} is named like an image but its content is not JPEG, PNG, GIF or "
+                "WebP; it was not sent for analysis.",
+            )
+        data = head + handle.read(max_bytes + 1 - len(head))
+    if len(data) > max_bytes:  # grew while we read it
+        raise ValorError(Category.FILE, f"{relative} is larger than {max_bytes:,} bytes.")
+    return ImageFile(real, relative, mime_type, len(data), data)
+
+
+def save_image(data: bytes, media_dir: Path, *, stem: str = "generated") -> tuple[Path, str]:
+    """Write image bytes as a new file in media_dir/generated; returns (path, mime type)."""
+    mime_type = sniff_image_type(data[:16])
+    if mime_type is None:
+        raise ValorError(Category.UPSTREAM, "The image service returned data that is not an image.")
+    folder = media_dir / "generated"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    path = folder / (name + SUFFIX_FOR_TYPE[mime_type])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return path, mime_type
+
+
+def image_dimensions(data: bytes, mime_type: str) -> tuple[int, int] | None:
+    """Width and height from the header, where the format puts them at a fixed place."""
+    if mime_type == "image/png" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if mime_type == "image/gif" and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    return None

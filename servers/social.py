@@ -1,0 +1,243 @@
+"""social-tools: web search, image generation and analysis, and saved links."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import anyio
+from pydantic import BaseModel, Field
+
+from servers.core import links, media, openai_services
+from servers.core.app import create_server
+from servers.core.errors import Category, ValorError
+from servers.core.settings import get_settings
+from servers.core.store import get_store
+from servers.core.trust import current_scope, resolve_chat_id
+
+mcp = create_server(
+    "social-tools",
+    instructions=(
+        "Current information from the web (Perplexity), image generation and analysis (OpenAI), "
+        "and a searchable store of links people save."
+    ),
+)
+
+ChatIdArg = Annotated[
+    int | str | None,
+    Field(
+        description="Telegram chat id. Leave empty in a chat session (the bridge fixes the "
+        "chat); in interactive use it is optional."
+    ),
+]
+
+
+class Citation(BaseModel):
+    number: int = Field(description="The [n] the answer uses for this source")
+    url: str
+    title: str = ""
+
+
+class SearchAnswer(BaseModel):
+    query: str
+    answer: str = Field(description="The answer, citing sources as [n]")
+    citations: list[Citation]
+    model: str
+
+
+class CreatedImage(BaseModel):
+    path: str = Field(description="Absolute path of the new image file in the media directory")
+    relative_path: str = Field(description="The same path relative to the media directory")
+    mime_type: str
+    size_bytes: int
+    width: int | None = None
+    height: int | None = None
+    prompt: str
+    revised_prompt: str = Field(description="The prompt the image model actually used")
+    model: str
+    chat_id: int | None = Field(description="The chat the image is for, if any")
+
+
+class ImageAnalysis(BaseModel):
+    image_path: str = Field(description="Path relative to the media directory")
+    mime_type: str = Field(description="Detected from the file's bytes")
+    size_bytes: int
+    mode: Literal["question", "description"]
+    analysis: str
+    model: str
+
+
+class SavedLinkResult(BaseModel):
+    url: str = Field(description="The link as saved (normalized)")
+    final_url: str = Field(description="Where the page was fetched from after redirects")
+    chat_id: int | None
+    title: str
+    summary: str
+    tags: list[str]
+    summary_source: Literal["model", "extractive"]
+    created: bool = Field(description="False when an earlier save of this URL was updated")
+    saved_at: str = Field(description="First saved, ISO 8601 UTC")
+    note: str = Field(default="", description="Anything that went partly wrong")
+
+
+class LinkHit(BaseModel):
+    url: str
+    final_url: str
+    chat_id: int | None
+    title: str
+    summary: str
+    tags: list[str]
+    saved_at: str
+    updated_at: str
+    snippet: str = Field(description="Matching text with [matches] marked")
+    score: float = Field(description="BM25 relevance, higher is better")
+
+
+class LinkSearch(BaseModel):
+    query: str
+    chat_id: int | None = Field(description="The chat searched; null means every chat")
+    hits: list[LinkHit]
+
+
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True})
+async def search_current_info(
+    query: Annotated[
+        str, Field(min_length=1, max_length=2000, description="What to find out, in words")
+    ],
+    max_results: Annotated[
+        int, Field(ge=1, le=20, description="How many numbered sources to return at most")
+    ] = 5,
+) -> SearchAnswer:
+    """Search the web for current information (Perplexity); an answer with numbered sources."""
+    result = await openai_services.search_current_info(query.strip(), max_results)
+    return SearchAnswer(query=query, **result)
+
+
+@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True})
+async def create_image(
+    prompt: Annotated[
+        str, Field(min_length=1, max_length=4000, description="What the image should show")
+    ],
+    size: Annotated[
+        Literal["1024x1024", "1792x1024", "1024x1792", "1536x1024", "1024x1536", "auto"],
+        Field(description="Width x height in pixels (the model decides which it supports)"),
+    ] = "1024x1024",
+    quality: Annotated[
+        Literal["standard", "high"], Field(description="'high' costs more and takes longer")
+    ] = "standard",
+    style: Annotated[
+        Literal["vivid", "natural"], Field(description="dall-e-3 only: vivid or natural look")
+    ] = "vivid",
+    chat_id: ChatIdArg = None,
+) -> CreatedImage:
+    """Generate an image (OpenAI) into the media directory; returns its path for upload."""
+    chat = resolve_chat_id(chat_id, required=False)
+    settings = get_settings()
+    image_quality = "high" if quality == "high" else "medium"
+    if settings.openai_image_model.startswith("dall-e"):
+        image_quality = quality
+    result = await openai_services.generate_image(prompt, size, image_quality, style)
+    data = result["data"]
+    if len(data) > settings.image_max_bytes:
+        raise ValorError(Category.UPSTREAM, "The generated image is larger than the image limit.")
+    media_dir = settings.media_path
+    stem = "generated" if chat is None else f"chat{chat}".replace("-", "m")
+    path, mime_type = media.save_image(data, media_dir, stem=stem)
+    dimensions = media.image_dimensions(data, mime_type) or (None, None)
+    return CreatedImage(
+        path=str(path),
+        relative_path=str(path.relative_to(media_dir)),
+        mime_type=mime_type,
+        size_bytes=len(data),
+        width=dimensions[0],
+        height=dimensions[1],
+        prompt=prompt,
+        revised_prompt=result["revised_prompt"],
+        model=result["model"],
+        chat_id=chat,
+    )
+
+
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True})
+async def analyze_shared_image(
+    image_path: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=1024,
+            description="Path of the image inside the media directory (relative, or absolute "
+            "within it). JPEG, PNG, GIF or WebP.",
+        ),
+    ],
+    question: Annotated[
+        str,
+        Field(max_length=2000, description="A question about the image; empty to describe it"),
+    ] = "",
+    chat_id: ChatIdArg = "",
+) -> ImageAnalysis:
+    """Answer a question about an image in the media directory, or describe it (OpenAI vision)."""
+    resolve_chat_id(chat_id, required=False)  # a chat outside the session's scope is refused
+    settings = get_settings()
+    openai_services.require_key(openai_services.OPENAI, settings)  # before reading the file
+    image = await anyio.to_thread.run_sync(
+        media.read_image, image_path, settings.media_path, settings.image_max_bytes
+    )
+    result = await openai_services.analyze_image(image, question)
+    return ImageAnalysis(
+        image_path=image.relative,
+        mime_type=image.mime_type,
+        size_bytes=image.size,
+        mode="question" if question.strip() else "description",
+        **result,
+    )
+
+
+@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True})
+async def save_link(
+    url: Annotated[
+        str, Field(min_length=1, max_length=2048, description="The http(s) link to save")
+    ],
+    chat_id: ChatIdArg = None,
+) -> SavedLinkResult:
+    """Fetch a public web page, summarize it and save it for search; the same URL updates."""
+    chat = resolve_chat_id(chat_id, required=False)
+    saved = await links.save_link(get_store(), url, chat)
+    return SavedLinkResult(
+        url=saved.url,
+        final_url=saved.final_url,
+        chat_id=saved.chat_id,
+        title=saved.title,
+        summary=saved.summary,
+        tags=saved.tags,
+        summary_source=saved.summary_source,  # type: ignore[arg-type]
+        created=saved.created,
+        saved_at=saved.saved_at,
+        note=saved.note,
+    )
+
+
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+def search_links(
+    query: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=500,
+            description='Words, "exact phrases", prefix* and AND / OR / NOT with parentheses; '
+            "matches title, summary, tags and URL.",
+        ),
+    ],
+    chat_id: ChatIdArg = None,
+    max_results: Annotated[int, Field(ge=1, le=100, description="How many hits at most")] = 10,
+) -> LinkSearch:
+    """Full-text search of saved links, best matches first."""
+    scope = current_scope()
+    chat = resolve_chat_id(chat_id, required=False)
+    everywhere = not scope.fixed and chat is None  # an operator with no chat: all links
+    hits = links.search_links(
+        get_store(), query, chat, all_chats=everywhere, max_results=max_results
+    )
+    return LinkSearch(query=query, chat_id=chat, hits=[LinkHit(**hit) for hit in hits])
+
+
+if __name__ == "__main__":
+    mcp.run(show_banner=False)
