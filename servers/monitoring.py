@@ -1,0 +1,119 @@
+"""monitoring-tools: honest health, safe cleanup, and the tool-call metrics the hooks record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from servers.core.app import create_server
+from servers.core.cleanup import CleanupReport, cleanup
+from servers.core.health import HealthReport, collect_health
+from servers.core.settings import get_settings
+from servers.core.store import get_store
+
+mcp = create_server(
+    "monitoring-tools",
+    instructions="Health of the machine and of Valor's own processes and tools; cleanup of what "
+    "Valor started and left behind; metrics for a monitoring system.",
+)
+
+CPU_SAMPLE_SECONDS = 0.5
+
+WindowArg = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=24 * 90,
+        description="Hours of tool-call history to judge (default VALOR_HEALTH_WINDOW_HOURS, 24)",
+    ),
+]
+
+
+class MetricsExport(BaseModel):
+    format: Literal["json", "prometheus"]
+    content_type: str
+    body: str = Field(description="The document to serve to the monitoring system as is")
+
+
+def _health(window_hours: float | None) -> HealthReport:
+    settings = get_settings()
+    return collect_health(
+        get_store(),
+        settings.data_dir,
+        window_hours=window_hours or settings.health_window_hours,
+        max_age_hours=settings.process_max_age_hours,
+        sample_seconds=CPU_SAMPLE_SECONDS,
+    )
+
+
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+def system_health(window_hours: WindowArg = None) -> HealthReport:
+    """Machine CPU/memory/disk, Valor's and its Claude Code runs' processes, tool success rate
+    and latency per tool, queue depth and store size, scored 0-100 with alerts that each carry a
+    severity and a recommended action."""
+    return _health(window_hours)
+
+
+def valor_temp_dirs() -> list[Path]:
+    """Valor's temporary directories: its own, and the bridge's per-run MCP configs."""
+    settings = get_settings()
+    return [settings.temp_path, settings.data_dir / "run"]
+
+
+@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False})
+def cleanup_resources(
+    dry_run: Annotated[
+        bool, Field(description="Only report what would be done (the default); false acts")
+    ] = True,
+    max_age_hours: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=24 * 365,
+            description="Valor-started runs and temporary files older than this are stale",
+        ),
+    ] = 24,
+) -> CleanupReport:
+    """End stale processes Valor started (matched by pid and create time, whole tree, SIGTERM
+    then SIGKILL), remove Valor's old temporary files, prune old metrics and checkpoint/vacuum
+    the store. Processes Valor did not start are never touched, whatever their name."""
+    settings = get_settings()
+    return cleanup(
+        get_store(),
+        valor_temp_dirs(),
+        settings.data_dir,
+        dry_run=dry_run,
+        max_age_hours=max_age_hours,
+        retention_days=settings.metrics_retention_days,
+        grace_seconds=settings.cleanup_grace_seconds,
+    )
+
+
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+def export_metrics(
+    format: Annotated[
+        Literal["json", "prometheus"],
+        Field(description='"json" (the system_health report) or "prometheus" (text format)'),
+    ] = "json",
+    window_hours: WindowArg = None,
+) -> MetricsExport:
+    """The system_health figures for a monitoring system: JSON, or Prometheus text exposition."""
+    report = _health(window_hours)
+    if format == "prometheus":
+        from servers.core.metrics_export import PROMETHEUS_CONTENT_TYPE, to_prometheus
+
+        return MetricsExport(
+            format="prometheus", content_type=PROMETHEUS_CONTENT_TYPE, body=to_prometheus(report)
+        )
+    return MetricsExport(
+        format="json",
+        content_type="application/json",
+        body=json.dumps(report.model_dump(mode="json"), ensure_ascii=False),
+    )
+
+
+if __name__ == "__main__":
+    mcp.run(show_banner=False)
