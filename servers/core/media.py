@@ -46,8 +46,9 @@ def sniff_image_type(head: bytes) -> str | None:
     return None
 
 
-def confine(image_path: str, media_dir: Path) -> tuple[Path, str]:
-    """The real path of image_path inside media_dir, and the relative form; refuses escapes."""
+def confine(image_path: str, media_dir: Path, *, folder: str = "media folder") -> tuple[Path, str]:
+    """The real path of image_path inside media_dir, and the relative form; refuses escapes.
+    ``folder`` names media_dir in messages (the screenshots folder reuses this)."""
     text = (image_path or "").strip()
     if not text:
         raise ValorError(Category.INPUT, "image_path is empty: pass the image's path.")
@@ -57,24 +58,26 @@ def confine(image_path: str, media_dir: Path) -> tuple[Path, str]:
     candidate = PurePath(text)
     if ".." in candidate.parts:
         raise ValorError(
-            Category.INPUT, "image_path may not contain '..': pass a path inside the media folder."
+            Category.INPUT, f"image_path may not contain '..': pass a path inside the {folder}."
         )
     joined = Path(candidate) if candidate.is_absolute() else base / candidate
     # resolve() without strict follows every symlink that exists; the result must stay inside.
     real = Path(os.path.realpath(joined))
     if not real.is_relative_to(base):
         if candidate.is_absolute() and not Path(os.path.abspath(joined)).is_relative_to(base):
-            message = "image_path is outside the media folder; only images there can be read."
+            message = f"image_path is outside the {folder}; only images there can be read."
         else:
-            message = "image_path leads outside the media folder (through a symlink); refused."
+            message = f"image_path leads outside the {folder} (through a symlink); refused."
         raise ValorError(Category.INPUT, message)
     return real, str(real.relative_to(base))
 
 
-def read_image(image_path: str, media_dir: Path, max_bytes: int) -> ImageFile:
+def read_image(
+    image_path: str, media_dir: Path, max_bytes: int, *, folder: str = "media folder"
+) -> ImageFile:
     """Confine, check the extension, open without following a final symlink, check size and
     magic bytes, then read."""
-    real, relative = confine(image_path, media_dir)
+    real, relative = confine(image_path, media_dir, folder=folder)
     suffix = real.suffix.lower()
     if suffix not in EXTENSIONS:
         allowed = ", ".join(sorted(EXTENSIONS))
@@ -84,7 +87,7 @@ def read_image(image_path: str, media_dir: Path, max_bytes: int) -> ImageFile:
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise ValorError(Category.FILE, f"No image at {relative} in the media folder.") from None
+        raise ValorError(Category.FILE, f"No image at {relative} in the {folder}.") from None
     except OSError as exc:
         raise ValorError(
             Category.FILE, f"{relative} could not be opened ({exc.strerror})."

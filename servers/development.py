@@ -1,0 +1,185 @@
+"""development-tools: workspace screenshots and the bug-report workflow."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastmcp import Context
+from pydantic import BaseModel, Field
+
+from servers.core import bug_reports, screenshots
+from servers.core.app import create_server
+from servers.core.settings import get_settings
+from servers.core.trust import resolve_chat_id
+
+mcp = create_server(
+    "development-tools",
+    instructions=(
+        "Workspace screenshots saved under a task id (SCREENSHOTS_DIR/<task_id>/), analyzed by "
+        "the vision model, and a bug-report workflow that has headless Claude Code reproduce a "
+        "bug, capture a Playwright screenshot and report steps, observed and expected behaviour."
+    ),
+)
+
+TaskIdArg = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        description="Task id: 1-128 letters, digits, '-' or '_' (a Notion page id works); "
+        "screenshots live in SCREENSHOTS_DIR/<task_id>/.",
+    ),
+]
+ChatIdArg = Annotated[
+    int | str | None,
+    Field(
+        description="Telegram chat id. Leave empty in a chat session (the bridge fixes the "
+        "chat); in interactive use it is optional."
+    ),
+]
+
+
+class ScreenshotInfo(BaseModel):
+    task_id: str
+    path: str = Field(description="Absolute path of the image file")
+    relative_path: str = Field(description="<task_id>/<file name>, relative to the folder")
+    size_bytes: int
+    modified_at: str = Field(description="Last written, ISO 8601 UTC")
+    age_seconds: float
+
+
+class ScreenshotList(BaseModel):
+    directory: str = Field(description="The screenshots folder")
+    task_id: str | None = Field(description="The task listed; null means every task")
+    screenshots: list[ScreenshotInfo] = Field(description="Newest first")
+
+
+class WorkspaceScreenshot(ScreenshotInfo):
+    mime_type: str = Field(description="Detected from the file's bytes")
+    analysis: str = Field(description="What the vision model sees in the screenshot")
+    model: str
+    chat_id: int | None = Field(description="The chat this was for, if any")
+
+
+class BugReportResult(BaseModel):
+    status: Literal["complete", "no_screenshot", "run_failed"] = Field(
+        description="complete: a screenshot was captured during the run; no_screenshot: the "
+        "run finished without one; run_failed: the run failed and left none"
+    )
+    notion_task_id: str
+    task_description: str
+    steps: list[str] = Field(description="Steps to reproduce, as Claude Code reported them")
+    observed: str
+    expected: str
+    screenshot_path: str | None = Field(description="The screenshot captured during this run")
+    screenshot_age_seconds: float | None = None
+    analysis: str = Field(description="The vision model's reading of the screenshot")
+    analysis_model: str = ""
+    claude_status: str = Field(description="ok, error, timeout or cancelled")
+    claude_session_id: str | None = None
+    claude_seconds: float
+    notes: list[str] = Field(description="Anything that went partly wrong, in words")
+    chat_id: int | None = None
+    delivery: str = Field(description="What happened to the chat delivery; empty: none asked")
+    report: str = Field(description="The whole report as text, ready to send")
+
+
+def _info(shot: screenshots.Screenshot) -> dict:
+    return {
+        "task_id": shot.task_id,
+        "path": str(shot.path),
+        "relative_path": shot.relative,
+        "size_bytes": shot.size,
+        "modified_at": shot.modified_iso,
+        "age_seconds": round(shot.age_seconds(), 3),
+    }
+
+
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True})
+async def retrieve_workspace_screenshot(
+    task_id: TaskIdArg,
+    chat_id: ChatIdArg = "",
+    max_age_minutes: Annotated[
+        float,
+        Field(gt=0, le=7 * 24 * 60, description="Refuse a newest screenshot older than this"),
+    ] = 10,
+) -> WorkspaceScreenshot:
+    """Find the task's newest screenshot, refuse it if missing or stale, and analyze it."""
+    chat = resolve_chat_id(chat_id, required=False)
+    settings = get_settings()
+    base = settings.screenshots_path
+    shot = screenshots.newest_screenshot(base, task_id, max_age_minutes)
+    question = screenshots.screenshot_question(shot.task_id)
+    analysis = await screenshots.analyze_screenshot(shot, base, question, settings)
+    return WorkspaceScreenshot(**_info(shot), **analysis, chat_id=chat)
+
+
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+def list_workspace_screenshots(
+    task_id: Annotated[
+        str | None,
+        Field(max_length=200, description="Only this task's screenshots; empty: every task"),
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=500, description="How many at most")] = 50,
+) -> ScreenshotList:
+    """List saved workspace screenshots, newest first."""
+    base = get_settings().screenshots_path
+    wanted = task_id or None
+    shots = screenshots.list_screenshots(base, wanted, limit=limit)
+    return ScreenshotList(
+        directory=str(base), task_id=wanted, screenshots=[ScreenshotInfo(**_info(s)) for s in shots]
+    )
+
+
+@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": True})
+async def execute_bug_report_with_screenshot(
+    task_description: Annotated[
+        str,
+        Field(min_length=1, max_length=8000, description="The bug: what to do and what goes wrong"),
+    ],
+    notion_task_id: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=200,
+            description="The Notion task this bug belongs to; also the screenshot task id",
+        ),
+    ],
+    ctx: Context,
+    chat_id: ChatIdArg = "",
+) -> BugReportResult:
+    """Have headless Claude Code reproduce a bug and capture a Playwright screenshot, then
+    analyze it and return a bug report (sent to the chat too when one is given or fixed).
+    Reports progress while it runs; it can take minutes."""
+    chat = resolve_chat_id(chat_id, required=False)
+
+    async def progress(value: float, message: str) -> None:
+        await ctx.report_progress(value, bug_reports.PROGRESS_TOTAL, message)
+
+    report = await bug_reports.run_bug_report(
+        task_description, notion_task_id, chat_id=chat, progress=progress
+    )
+    shot = report.screenshot
+    return BugReportResult(
+        status=report.status,  # type: ignore[arg-type]
+        notion_task_id=report.task_id,
+        task_description=report.task_description,
+        steps=report.findings.steps,
+        observed=report.findings.observed,
+        expected=report.findings.expected,
+        screenshot_path=str(shot.path) if shot else None,
+        screenshot_age_seconds=round(shot.age_seconds(), 3) if shot else None,
+        analysis=report.analysis,
+        analysis_model=report.analysis_model,
+        claude_status=report.claude_status,
+        claude_session_id=report.claude_session_id,
+        claude_seconds=report.claude_seconds,
+        notes=report.notes,
+        chat_id=chat,
+        delivery=report.delivery,
+        report=report.as_text(),
+    )
+
+
+if __name__ == "__main__":
+    mcp.run(show_banner=False)
