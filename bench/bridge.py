@@ -1,0 +1,246 @@
+"""The bridge's cost per message, and the bridge under load.
+
+Part 1 — latency, the real Claude Code CLI against the fake Anthropic API (tests/fakes), measured
+round-robin in one run so the three see the same machine:
+  (a) bare `claude -p` with no MCP servers (a subprocess, prompt on stdin);
+  (a2) the same `claude -p` given the bridge's hosted config, without the bridge (splits (b)'s
+       cost into Claude Code's MCP start-up and the bridge's own work);
+  (b) a bridge round trip (message in → reply in the in-memory transport) with every Valor
+      server available through the hosted HTTP config;
+  (c) the same round trip with the stdio `.mcp.json` (every server started per message).
+Target: median (b) / median (a) <= 1.15.
+
+Part 2 — load, with a FAKE fast Claude (tests/fake_claude.py, a script printing stream-json; not
+Claude Code): N chats × M messages through one bridge with the tools hosted. Checks that none is
+lost, each is answered once, per-chat order is kept; prints throughput and the bridge's RSS.
+
+    .venv/bin/python bench/bridge.py                   # 9 rounds, 50 chats x 10 messages
+    .venv/bin/python bench/bridge.py --rounds 3 --chats 10 --messages 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CLAUDE = REPO / "node_modules" / ".bin" / "claude"
+
+
+def isolated_env(data_dir: Path, **extra: str) -> None:
+    """Fresh settings for this process: its own data dir, nothing from the developer's env."""
+    for name in list(os.environ):
+        if name.startswith(("VALOR_", "ANTHROPIC_", "TELEGRAM_", "OPENAI_", "NOTION_")):
+            del os.environ[name]
+    os.environ["VALOR_DATA_DIR"] = str(data_dir)
+    os.environ.update(extra)
+    from servers.core.settings import reset_settings_cache
+
+    reset_settings_cache()
+
+
+def rss_mb() -> tuple[float, float]:
+    import psutil
+
+    current = psutil.Process().memory_info().rss / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return current, peak
+
+
+# -- part 2: load ---------------------------------------------------------------------------------
+async def load(chats: int, messages: int, work: Path) -> None:
+    from bridge.memory import MemoryTransport, incoming
+    from bridge.pipeline import Bridge
+
+    fake = work / "fake-claude"
+    fake.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "fake_claude.py"}" "$@"\n'
+    )
+    fake.chmod(0o755)
+    isolated_env(work / "load-data", VALOR_CLAUDE_BIN=str(fake), VALOR_CLAUDE_WORKDIR=str(work))
+    transport = MemoryTransport()
+    bridge = Bridge(transport, authorize_all=True)
+    total = chats * messages
+    async with bridge.serving():
+        before, _ = rss_mb()
+        started = time.perf_counter()
+        for n in range(1, messages + 1):  # interleaved across chats, as real traffic arrives
+            for chat in range(1, chats + 1):
+                await bridge.receive(incoming(chat, n, f"chat {chat} message {n}"))
+        await bridge.drain()
+        elapsed = time.perf_counter() - started
+        after, peak = rss_mb()
+    lost, duplicated, out_of_order = 0, 0, 0
+    for chat in range(1, chats + 1):
+        # The first paragraph is the answer; the fake reports no MCP servers, so the bridge
+        # rightly appends a "tools unavailable" note after it.
+        answers = [m.text.split("\n\n")[0] for m in transport.messages_in(chat)]
+        expected = [f"Echo: chat {chat} message {n}" for n in range(1, messages + 1)]
+        lost += len(set(expected) - set(answers))
+        duplicated += len(answers) - len(set(answers))
+        out_of_order += answers != expected and set(answers) == set(expected)
+    statuses = bridge.store.query("SELECT status, COUNT(*) FROM bridge_inbox GROUP BY status")
+    print(f"load (FAKE fast Claude): {chats} chats x {messages} messages = {total}")
+    print(
+        f"  answered in {elapsed:.1f} s ({total / elapsed:.1f} messages/s, "
+        f"{bridge.settings.max_concurrent_runs} concurrent runs)"
+    )
+    print(f"  lost {lost}, answered twice {duplicated}, chats out of order {out_of_order}")
+    print(f"  inbox: {dict((row[0], row[1]) for row in statuses)}")
+    print(f"  bridge RSS: {before:.0f} MB before, {after:.0f} MB after, peak {peak:.0f} MB")
+
+
+# -- part 1: latency ------------------------------------------------------------------------------
+async def bare_claude(env: dict[str, str], workdir: Path, mcp_config: Path | None = None) -> float:
+    """`claude -p` alone; with ``mcp_config`` it also connects to the servers named there."""
+    extra = ["--mcp-config", str(mcp_config)] if mcp_config else []
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        str(CLAUDE),
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--strict-mcp-config",
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=str(workdir),
+    )
+    out, _ = await proc.communicate(b"hello")
+    elapsed = time.perf_counter() - started
+    lines = [json.loads(line) for line in out.decode().strip().splitlines()]
+    assert lines[-1].get("result") == "pong", lines[-1]
+    init = next(line for line in lines if line.get("subtype") == "init")
+    assert all(s["status"] == "connected" for s in init["mcp_servers"]), init["mcp_servers"]
+    return elapsed
+
+
+async def round_trip(bridge, transport, chat: int, message_id: int) -> float:
+    from bridge.memory import incoming
+
+    started = time.perf_counter()
+    await bridge.receive(incoming(chat, message_id, "hello"))
+    await bridge.drain()
+    elapsed = time.perf_counter() - started
+    (reply,) = transport.replies_to(chat, message_id)
+    assert reply.text == "pong", reply.text  # a failed tool server would add a note
+    return elapsed
+
+
+async def latency(rounds: int, work: Path) -> None:
+    from bridge.memory import MemoryTransport
+    from bridge.pipeline import Bridge
+    from tests.fakes import FakeAnthropic, reply_with
+
+    with FakeAnthropic() as fake:
+        fake.responder = reply_with("pong")
+        home = work / "home"
+        home.mkdir()
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "ANTHROPIC_BASE_URL": fake.url,
+            "ANTHROPIC_API_KEY": "bench-key",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "DISABLE_AUTOUPDATER": "1",
+        }
+        # The repo is the workdir (its hooks run in all three); .mcp.json's commands are relative.
+        isolated_env(
+            work / "latency-data",
+            VALOR_CLAUDE_BIN=str(CLAUDE),
+            VALOR_CLAUDE_MAX_RETRIES="0",
+            VALOR_CLAUDE_WORKDIR=str(REPO),
+        )
+        env["VALOR_DATA_DIR"] = os.environ["VALOR_DATA_DIR"]
+        hosted_transport, stdio_transport = MemoryTransport(), MemoryTransport()
+        hosted_bridge = Bridge(hosted_transport, claude_env=env, authorize_all=True)
+        times: dict[str, list[float]] = {"a": [], "a2": [], "b": [], "c": []}
+        async with hosted_bridge.serving():
+            from servers.core.settings import get_settings
+
+            # A second bridge needs its own data dir (one bridge per data dir).
+            stdio_settings = get_settings().model_copy(update={"data_dir": work / "stdio-data"})
+            stdio_bridge = Bridge(
+                stdio_transport,
+                settings=stdio_settings,
+                claude_env=env,
+                authorize_all=True,
+                host_tools=False,
+                stdio_mcp_config=REPO / ".mcp.json",
+            )
+            # (a2): the hosted config the bridge writes, used by claude -p directly.
+            from servers.core.mcp_config import http_mcp_config, runtime_mcp_config
+            from servers.core.trust import mint_scope_token
+            from servers.hosting import endpoint
+
+            base = hosted_bridge._tools_base_url
+            config = http_mcp_config(
+                {name: endpoint(base, name) for name in hosted_bridge._tool_servers},
+                mint_scope_token(hosted_bridge._secret, 3),
+            )
+            with runtime_mcp_config(config, work / "run") as hosted_config:
+                async with stdio_bridge.serving():
+                    await bare_claude(env, REPO)  # warm the file cache once, not measured
+                    for n in range(1, rounds + 1):
+                        times["a"].append(await bare_claude(env, REPO))
+                        times["a2"].append(await bare_claude(env, REPO, hosted_config))
+                        times["b"].append(await round_trip(hosted_bridge, hosted_transport, 1, n))
+                        times["c"].append(await round_trip(stdio_bridge, stdio_transport, 2, n))
+                        await asyncio.sleep(1.0)  # let (c)'s eight servers exit before (a)
+    med = {key: statistics.median(values) for key, values in times.items()}
+    print(f"latency (real Claude Code {CLAUDE.name} + fake Anthropic API), {rounds} rounds:")
+    labels = {
+        "a": "(a) bare claude -p, no MCP servers",
+        "a2": "(a2) bare claude -p + the hosted config",
+        "b": "(b) bridge round trip, tools hosted over HTTP",
+        "c": "(c) bridge round trip, stdio .mcp.json",
+    }
+    for key, label in labels.items():
+        spread = ", ".join(f"{t:.2f}" for t in times[key])
+        print(f"  {label:48} median {med[key]:.3f} s   [{spread}]")
+    ratio = med["b"] / med["a"]
+    verdict = "meets" if ratio <= 1.15 else "MISSES"
+    print(
+        f"  (b)/(a) = {ratio:.3f}  ({verdict} the <= 1.15 target);  (c)/(a) = "
+        f"{med['c'] / med['a']:.2f}"
+    )
+    print(
+        "  split: Claude Code connecting to the hosted servers (a2)/(a) = "
+        f"{med['a2'] / med['a']:.3f}; the bridge's own work (b)/(a2) = {med['b'] / med['a2']:.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--chats", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=10)
+    parser.add_argument("--skip-latency", action="store_true")
+    args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)  # the fake's "tools unavailable" warnings are noise
+    with tempfile.TemporaryDirectory(prefix="valor-bench-bridge-") as tmp:
+        work = Path(tmp)
+        asyncio.run(load(args.chats, args.messages, work))
+        if not args.skip_latency:
+            if not CLAUDE.exists():
+                sys.exit("Claude Code is not installed: run `bash .ci/setup` first.")
+            asyncio.run(latency(args.rounds, work))
+
+
+if __name__ == "__main__":
+    main()

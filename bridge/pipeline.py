@@ -1,0 +1,615 @@
+"""The bridge pipeline: receive → authorize → persist → per-chat FIFO → run Claude Code → stream
+→ record → done.
+
+- Authorization: private chats need the sender in ``VALOR_ALLOWED_USER_IDS`` (or the chat in
+  ``VALOR_ALLOWED_CHAT_IDS``); groups need the chat allowed and answer only when Valor is
+  mentioned or replied to. Everything else never reaches Claude Code and is not stored.
+- Every authorized message is written to the inbox before anything else. On start, rows a
+  previous bridge did not finish are processed again; a redelivered message is a duplicate.
+- One FIFO per chat keeps order; a semaphore (``VALOR_MAX_CONCURRENT_RUNS``) bounds runs overall.
+- Tools are hosted once over HTTP on loopback; each run gets a config with a token for its chat.
+- Commands: ``/stop`` ends the running reply, ``/new`` starts a fresh session, ``/status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge import inbox
+from bridge.reply import editing_reply
+from bridge.transport import IncomingMessage, ReplySink, Transport
+from servers.core import history, outbox
+from servers.core.claude_runner import (
+    ApiRetryEvent,
+    ClaudeRun,
+    ClaudeRunner,
+    Event,
+    PermissionDenialEvent,
+    RunOutcome,
+    TextEvent,
+    ToolResultEvent,
+    ToolUseEvent,
+    end_process_tree,
+)
+from servers.core.errors import Category, ValorError, mask_unexpected, redact
+from servers.core.mcp_config import (
+    allowed_tool_patterns,
+    http_mcp_config,
+    private_run_file,
+    runtime_mcp_config,
+)
+from servers.core.store import Store
+
+log = logging.getLogger("valor.bridge")
+
+ReplyFactory = Callable[[Transport, int, int | None], ReplySink]
+PROCESS_KIND = "claude-bridge"
+COMMANDS = ("/stop", "/new", "/status")
+PERSONA_PATH = Path(__file__).with_name("persona.md")
+OUTBOX_POLL_SECONDS = 1.0
+MAX_ATTEMPTS = 3  # runs of one message cut short by a bridge stop or crash before giving up
+HIDDEN_TOOLS = {"ToolSearch"}  # Claude Code's own lookups are not progress a person cares about
+
+
+def parse_command(text: str) -> str | None:
+    """``/stop`` or ``/stop@ValorBot`` → ``/stop``; anything else → None."""
+    word = text.strip().split(maxsplit=1)[0] if text.strip() else ""
+    word = word.split("@", 1)[0].lower()
+    return word if word in COMMANDS else None
+
+
+def build_prompt(row: inbox.InboxRow, context_block: str | None = None) -> str:
+    parts = [context_block] if context_block else []
+    parts.append(row.text)
+    if row.media_paths:
+        parts.append("Attached files:\n" + "\n".join(f"- {path}" for path in row.media_paths))
+    return "\n\n".join(parts)
+
+
+def workdir_has_context_hook(workdir: Path) -> bool:
+    """True when Claude Code in ``workdir`` runs Valor's UserPromptSubmit hook (context block)."""
+    try:
+        return "servers.hooks user-prompt-submit" in (
+            workdir / ".claude" / "settings.json"
+        ).read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+@dataclass
+class RunningReply:
+    row: inbox.InboxRow
+    cancel: asyncio.Event
+    started: float
+
+
+class BridgeLocked(ValorError):
+    pass
+
+
+class Bridge:
+    """One bridge per data directory (a lock file enforces it)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        store: Store | None = None,
+        settings: Any = None,
+        runner: ClaudeRunner | None = None,
+        reply_factory: ReplyFactory = editing_reply,
+        host_tools: bool = True,
+        claude_env: Mapping[str, str] | None = None,
+        persona: str | None = None,
+        authorize_all: bool = False,
+        stdio_mcp_config: Path | None = None,
+        tools_base_url: str | None = None,
+        tools_secret: bytes | None = None,
+    ):
+        from servers.core.settings import get_settings
+        from servers.core.store import get_store
+
+        self.transport = transport
+        self.settings = settings or get_settings()
+        self.store = store or get_store(self.settings.db_path)
+        self.runner = runner or ClaudeRunner(self.store, self.settings)
+        self.reply_factory = reply_factory
+        self.host_tools = host_tools
+        self.claude_env = claude_env
+        self.persona = persona if persona is not None else self._load_persona()
+        self.authorize_all = authorize_all  # the console: the person at the keyboard is the owner
+        # Without hosting, runs may use a stdio config instead (servers read VALOR_CHAT_ID).
+        self.stdio_mcp_config = stdio_mcp_config
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
+        self._queues: dict[int, deque[int]] = {}
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[int, RunningReply] = {}
+        # Tools already hosted by this process (the daemon) are reused with their secret: the
+        # scope secret is process-wide, so a second host here would replace the daemon's.
+        if tools_base_url is not None and tools_secret is None:
+            raise ValueError("tools_base_url needs the tools_secret its tokens are checked with")
+        self._external_tools = tools_base_url
+        self._secret = tools_secret or secrets.token_bytes(32)
+        self._tools_base_url: str | None = None
+        self._tool_servers: list[str] = []
+        self._lock_file: Any = None
+        self._outbox_task: asyncio.Task[None] | None = None
+        self._prepend_context = not workdir_has_context_hook(self.settings.workdir)
+
+    def _load_persona(self) -> str:
+        path = self.settings.persona_file or PERSONA_PATH
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValorError(
+                Category.CONFIG, f"Cannot read the persona file {path}: {exc.strerror}."
+            ) from None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until the transport's updates end, then finish what was accepted."""
+        async with self.serving():
+            async for message in self.transport.updates():
+                await self.receive(message)
+            await self.drain()
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[Bridge]:
+        """Lock, host the tools, recover unfinished work and deliver the outbox while open."""
+        self._acquire_lock()
+        try:
+            async with self._hosted_tools():
+                await self.recover()
+                self._outbox_task = asyncio.create_task(self._outbox_loop())
+                try:
+                    yield self
+                finally:
+                    await self.stop()
+        finally:
+            self._release_lock()
+
+    def _acquire_lock(self) -> None:
+        path = self.settings.data_dir / "bridge.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held for the bridge's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise BridgeLocked(
+                Category.CONFIG,
+                f"Another bridge is already serving {self.settings.data_dir}; stop it first.",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = handle
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    @asynccontextmanager
+    async def _hosted_tools(self) -> AsyncIterator[None]:
+        from servers import SERVERS
+
+        if self._external_tools is not None:
+            self._tools_base_url, self._tool_servers = self._external_tools, list(SERVERS)
+            yield
+            return
+        if not self.host_tools:
+            yield
+            return
+        from servers.hosting import hosted
+
+        async with hosted(self._secret, host=self.settings.http_host, port=0) as base_url:
+            self._tools_base_url = base_url
+            self._tool_servers = list(SERVERS)
+            try:
+                yield
+            finally:
+                self._tools_base_url = None
+
+    async def stop(self) -> None:
+        """Stop workers; replies cut short stay open in the inbox and run again next start."""
+        if self._outbox_task is not None:
+            self._outbox_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._outbox_task
+            self._outbox_task = None
+        workers = list(self._workers.values())
+        for task in workers:
+            task.cancel()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def drain(self) -> None:
+        """Wait until every accepted message has been answered."""
+        while self._workers:
+            await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
+
+    async def recover(self) -> int:
+        """End Claude Code runs a crashed bridge left behind; queue its unfinished messages."""
+        from servers.core.processes import is_same_process, mark_process_ended
+        from servers.core.processes import running_registrations as registrations
+
+        for registration in registrations(self.store):
+            if registration.kind != PROCESS_KIND:
+                continue
+            if is_same_process(registration):
+                log.warning("ending Claude Code run %s left by a stopped bridge", registration.pid)
+                await end_process_tree(registration.pid)
+            mark_process_ended(self.store, registration.pid, registration.create_time)
+        rows = inbox.unfinished(self.store)
+        for row in rows:
+            self._enqueue(row.chat_id, row.id)
+        if rows:
+            log.info("recovered %d unfinished messages", len(rows))
+        return len(rows)
+
+    # -- receiving ---------------------------------------------------------------------------
+    def authorized(self, message: IncomingMessage) -> bool:
+        if self.authorize_all:
+            return True
+        chat_allowed = message.chat_id in self.settings.allowed_chat_ids
+        if message.is_group:
+            return chat_allowed
+        return chat_allowed or message.sender_id in self.settings.allowed_user_ids
+
+    async def receive(self, message: IncomingMessage) -> str:
+        """Accept one update. Returns what happened: queued, duplicate, command, ignored or
+        unauthorized."""
+        if not self.authorized(message):
+            log.warning(
+                "refused a message from user %s in chat %s (not in the allowlist)",
+                message.sender_id,
+                message.chat_id,
+            )
+            return "unauthorized"
+        if message.is_group and not (message.mentions_valor or message.replies_to_valor):
+            return "ignored"
+        command = parse_command(message.text)
+        if command is not None:
+            if not inbox.persist_incoming(self.store, message, status="command"):
+                return "duplicate"
+            await self._command(command, message)
+            return "command"
+        row_id = inbox.persist_incoming(self.store, message)
+        if not row_id:
+            return "duplicate"
+        history.record_message(
+            self.store,
+            history.Message(
+                message.chat_id,
+                message.message_id,
+                message.text,
+                message.sender_name,
+                message.sender_id,
+                "in",
+                message.sent_at,
+            ),
+        )
+        with contextlib.suppress(Exception):  # a receipt is nice to have, never required
+            await self.transport.signal(message.chat_id, "received", message_id=message.message_id)
+        self._enqueue(message.chat_id, row_id)
+        return "queued"
+
+    async def _command(self, command: str, message: IncomingMessage) -> None:
+        chat = message.chat_id
+        if command == "/stop":
+            running = self._running.get(chat)
+            if running is None:
+                reply = "Nothing is running in this chat."
+            else:
+                running.cancel.set()
+                reply = "Stopping the current reply."
+        elif command == "/new":
+            inbox.forget_session(self.store, chat)
+            reply = "Fresh start: the next message begins a new session."
+        else:
+            reply = self.status_text(chat)
+        await self.transport.send_text(chat, reply, reply_to=message.message_id)
+
+    def status_text(self, chat_id: int) -> str:
+        running = self._running.get(chat_id)
+        waiting = len(self._queues.get(chat_id, ()))
+        last, total = inbox.last_cost(self.store, chat_id)
+        lines = [
+            f"Queue: {waiting} waiting in this chat.",
+            (
+                f"Running: a reply for {time.monotonic() - running.started:.0f} s."
+                if running
+                else "Running: nothing."
+            ),
+            f"Runs across all chats: {len(self._running)} of {self.settings.max_concurrent_runs}.",
+            "Last cost: " + (f"${last:.4f} (total ${total:.4f})." if last is not None else "none."),
+        ]
+        return "\n".join(lines)
+
+    # -- the per-chat queues -----------------------------------------------------------------
+    def _enqueue(self, chat_id: int, row_id: int) -> None:
+        self._queues.setdefault(chat_id, deque()).append(row_id)
+        worker = self._workers.get(chat_id)
+        if worker is None or worker.done():
+            self._workers[chat_id] = asyncio.create_task(self._chat_worker(chat_id))
+
+    async def _chat_worker(self, chat_id: int) -> None:
+        queue = self._queues[chat_id]
+        try:
+            while queue:
+                row_id = queue[0]
+                async with self._slots:
+                    try:
+                        await self._process(row_id)
+                    except Exception as exc:  # e.g. the store is unwritable: the row stays open
+                        log.error("message %s failed in the bridge: %s", row_id, redact(repr(exc)))
+                queue.popleft()
+        finally:
+            if self._workers.get(chat_id) is asyncio.current_task():
+                del self._workers[chat_id]
+            if not queue:
+                self._queues.pop(chat_id, None)
+
+    async def _process(self, row_id: int) -> None:
+        row = inbox.get_row(self.store, row_id)
+        if row is None or row.status not in inbox.OPEN_STATUSES:
+            return
+        sink = self.reply_factory(self.transport, row.chat_id, row.message_id)
+        if row.attempts >= MAX_ATTEMPTS:  # it stopped the bridge every time: do not loop on it
+            await self._fail(
+                row,
+                sink,
+                f"This message was interrupted {row.attempts} times without an answer; "
+                "send it again if it still matters.",
+                "failed",
+            )
+            return
+        inbox.mark_running(self.store, row_id)
+        running = RunningReply(row, asyncio.Event(), time.monotonic())
+        self._running[row.chat_id] = running
+        try:
+            with contextlib.suppress(Exception):
+                await self.transport.signal(row.chat_id, "typing")
+            outcome = await self._run_claude(row, sink, running.cancel)
+        except ValorError as exc:
+            await self._fail(row, sink, exc.detail, "failed")
+            return
+        except asyncio.CancelledError:
+            raise  # the bridge is stopping: the row stays open and runs again on restart
+        except Exception as exc:
+            await self._fail(row, sink, mask_unexpected(exc, "bridge").detail, "failed")
+            return
+        finally:
+            self._running.pop(row.chat_id, None)
+        await self._deliver(row, sink, outcome)
+
+    async def _run_claude(
+        self, row: inbox.InboxRow, sink: ReplySink, cancel: asyncio.Event
+    ) -> RunOutcome:
+        texts: list[str] = []
+        tool_names: dict[str, str] = {}  # tool_use_id → name: create_image results carry images
+
+        async def on_event(event: Event) -> None:
+            if isinstance(event, ToolUseEvent):
+                tool_names[event.tool_use_id] = event.name
+            if isinstance(event, TextEvent):
+                texts.append(event.text)
+                await sink.text("\n\n".join(texts))
+            elif isinstance(event, ToolUseEvent) and event.name not in HIDDEN_TOOLS:
+                await sink.tool_progress(event.name, _tool_detail(event.input))
+            elif isinstance(event, ApiRetryEvent):
+                status = f"HTTP {event.error_status}" if event.error_status else event.error
+                await sink.tool_progress(
+                    "retrying", f"model API {status}, attempt {event.attempt}/{event.max_retries}"
+                )
+            elif isinstance(event, PermissionDenialEvent):
+                log.warning("Claude Code was denied %s in chat %s", event.tool_name, row.chat_id)
+            elif isinstance(event, ToolResultEvent) and not event.is_error:
+                _attach_generated_images(
+                    sink, tool_names.get(event.tool_use_id, ""), event.content, self.settings
+                )
+
+        # The hook adds the block to the prompt; building it here, in this long-lived process
+        # with the tokenizer loaded, spares each prompt's hook process from loading it.
+        block = self._context_block(row)
+        run_files = contextlib.ExitStack()
+        extra_env: dict[str, str] = {}
+        if block and not self._prepend_context:
+            block_path = run_files.enter_context(
+                private_run_file(
+                    block, self.settings.data_dir / "run", prefix="ctx-", suffix=".txt"
+                )
+            )
+            extra_env["VALOR_CONTEXT_BLOCK_FILE"] = str(block_path)
+        request = ClaudeRun(
+            prompt=build_prompt(row, block if self._prepend_context else None),
+            session_id=inbox.session_for(self.store, row.chat_id),
+            chat_id=row.chat_id,
+            user_id=row.sender_id,
+            user_name=row.sender_name,
+            launched_by="bridge",
+            allowed_tools=[
+                *allowed_tool_patterns(self._tool_servers),
+                # Attached photos and documents live in the media directory, outside the workdir.
+                f"Read(/{Path(self.settings.media_path).resolve()}/**)",
+                *self.settings.claude_extra_allowed_tools,
+            ],
+            append_system_prompt=self.persona or None,
+            env=self.claude_env,
+            extra_env=extra_env,
+            process_kind=PROCESS_KIND,
+        )
+        with run_files:
+            return await self._run_with_tools(request, row, on_event, cancel)
+
+    async def _run_with_tools(
+        self, request: ClaudeRun, row: inbox.InboxRow, on_event: Any, cancel: asyncio.Event
+    ) -> RunOutcome:
+        if self._tools_base_url is None:
+            if self.stdio_mcp_config is not None:
+                request.mcp_config = self.stdio_mcp_config
+                request.expected_servers = _server_names(self.stdio_mcp_config)
+                request.allowed_tools = [
+                    *allowed_tool_patterns(request.expected_servers),
+                    *request.allowed_tools,
+                ]
+            return await self.runner.run(request, on_event, cancel)
+        from servers.core.trust import mint_scope_token
+        from servers.hosting import endpoint
+
+        token = mint_scope_token(
+            self._secret, row.chat_id, ttl_seconds=self.settings.claude_timeout_seconds + 300
+        )
+        endpoints = {name: endpoint(self._tools_base_url, name) for name in self._tool_servers}
+        with runtime_mcp_config(
+            http_mcp_config(endpoints, token), self.settings.data_dir / "run"
+        ) as path:
+            request.mcp_config = path
+            request.expected_servers = list(self._tool_servers)
+            return await self.runner.run(request, on_event, cancel)
+
+    def _context_block(self, row: inbox.InboxRow) -> str | None:
+        """Chat, user and recent history, optimized to a budget (see context-tools)."""
+        from servers import hooks
+
+        rows = history.recent_messages(self.store, row.chat_id, time.time() - 86_400, 20)
+        messages = [dict(r) for r in rows if r["message_id"] != row.message_id]
+        args = (row.chat_id, row.sender_name, str(row.sender_id or ""), messages, 2000)
+        try:
+            from servers.core.context_opt import build_context_block
+
+            return build_context_block(*args)
+        except Exception as exc:  # the optimizer is optional here: the plain block still works
+            log.warning("context optimizer unavailable (%s); using the plain block", exc)
+            return hooks.fallback_context_block(*args)
+
+    async def _deliver(self, row: inbox.InboxRow, sink: ReplySink, outcome: RunOutcome) -> None:
+        if outcome.session_id and outcome.status in ("ok", "error"):
+            cost = outcome.result.total_cost_usd if outcome.result else 0.0
+            duration = outcome.result.duration_ms if outcome.result else 0.0
+            inbox.save_session(self.store, row.chat_id, outcome.session_id, cost, duration)
+        if not outcome.ok:
+            error = outcome.error or ValorError(Category.INTERNAL, "The reply failed.")
+            if outcome.status == "cancelled":
+                await self._fail(row, sink, "Stopped.", "cancelled")
+            else:
+                await self._fail(row, sink, error.detail, "failed")
+            return
+        text = outcome.text.strip() or "(Claude Code finished without a text answer.)"
+        notes = []
+        if outcome.failed_servers:
+            notes.append(
+                "Some of my tools were unavailable for this reply: "
+                + ", ".join(outcome.failed_servers)
+                + "."
+            )
+        if outcome.fresh_session_notice:
+            notes.append(outcome.fresh_session_notice)
+        denied = sorted({d.tool_name for d in outcome.result.permission_denials if d.tool_name})
+        if denied:
+            notes.append("I was not allowed to use: " + ", ".join(denied) + ".")
+        if notes:
+            text += "\n\n" + "\n".join(f"ℹ️ {note}" for note in notes)
+        try:
+            await sink.finish(text)
+        except Exception as exc:
+            # The sink already retried (bridge/live.py); the row stays open, so the next start
+            # answers it again (at most MAX_ATTEMPTS runs) instead of losing it.
+            log.error("could not deliver the reply in chat %s: %s", row.chat_id, redact(repr(exc)))
+            return
+        reply_id = getattr(sink, "message_id", None) or -row.id
+        history.record_message(
+            self.store,
+            history.Message(row.chat_id, reply_id, text, "Valor", None, "out", time.time()),
+        )
+        inbox.mark_finished(self.store, row.id, "done")
+
+    async def _fail(self, row: inbox.InboxRow, sink: ReplySink, message: str, status: str) -> None:
+        try:
+            await sink.fail(message)
+        except Exception as exc:
+            log.error("could not tell chat %s about a failure: %s", row.chat_id, exc)
+        inbox.mark_finished(self.store, row.id, status, message[:1000])
+
+    # -- the outbox --------------------------------------------------------------------------
+    async def deliver_outbox(self) -> int:
+        """Send pending outbox rows in order; returns how many were sent."""
+        sent = 0
+        for item in outbox.pending_outbound(self.store):
+            try:
+                message = None
+                if item.text.strip():
+                    message = await self.transport.send_text(
+                        item.chat_id, item.text, reply_to=item.reply_to
+                    )
+                for path in item.files:
+                    await self.transport.send_file(item.chat_id, path, reply_to=item.reply_to)
+            except Exception as exc:
+                outbox.mark_outbound_failed(self.store, item.id, redact(repr(exc)))
+                continue
+            outbox.mark_outbound_sent(self.store, item.id)
+            if message is not None:
+                history.record_message(
+                    self.store,
+                    history.Message(
+                        item.chat_id, message.message_id, item.text, "Valor", None, "out"
+                    ),
+                )
+            sent += 1
+        return sent
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            try:
+                await self.deliver_outbox()
+            except Exception:
+                log.exception("outbox delivery failed")
+            await asyncio.sleep(OUTBOX_POLL_SECONDS)
+
+
+def _attach_generated_images(sink: ReplySink, tool_name: str, content: str, settings: Any) -> None:
+    """Hand images a tool made (create_image) to sinks that upload them (bridge/live.py)."""
+    attach = getattr(sink, "attach_files", None)
+    if attach is None:
+        return
+    from bridge.attachments import generated_images
+
+    images = generated_images(tool_name, content, settings.media_path)
+    if images:
+        attach(images)
+
+
+def _server_names(config_path: Path) -> list[str]:
+    import json
+
+    try:
+        return list(json.loads(config_path.read_text(encoding="utf-8"))["mcpServers"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValorError(
+            Category.CONFIG, f"Cannot read the MCP config {config_path}: {exc}"
+        ) from None
+
+
+def _tool_detail(tool_input: dict[str, Any]) -> str:
+    for key in ("query", "command", "description", "url", "file_path", "prompt"):
+        value = tool_input.get(key)
+        if isinstance(value, str) and value.strip():
+            text = " ".join(value.split())
+            return text[:60] + ("…" if len(text) > 60 else "")
+    return ""

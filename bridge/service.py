@@ -1,0 +1,41 @@
+"""The Telegram bridge as a service: Telethon transport + LiveReply streaming + the pipeline.
+
+``scheduler/daemon.py`` starts it as ``run_bridge(settings, base_url, secret)`` when Telegram is
+configured. With ``base_url`` and ``secret`` the pipeline reuses the tools the daemon hosts
+(minting its per-run scope tokens with that secret); without them it hosts its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from bridge.live import live_reply_factory
+from bridge.telegram import TelegramTransport
+
+if TYPE_CHECKING:
+    from servers.core.settings import Settings
+
+log = logging.getLogger("valor.bridge.service")
+
+
+async def run_bridge(
+    settings: Settings, base_url: str | None = None, secret: bytes | None = None
+) -> None:
+    """Connect to Telegram, catch up, and answer until cancelled."""
+    from bridge.pipeline import Bridge
+
+    transport = TelegramTransport.from_settings(settings)  # config errors surface here, offline
+    await transport.start()
+    try:
+        # Reuse the daemon's hosted tools: a second host would replace the process-wide secret.
+        external = {"tools_base_url": base_url, "tools_secret": secret} if base_url else {}
+        bridge = Bridge(
+            transport,
+            settings=settings,
+            reply_factory=live_reply_factory(None, settings),
+            **external,
+        )
+        await bridge.run()
+    finally:
+        await transport.close()

@@ -1,0 +1,69 @@
+"""A stand-in for the `claude` binary that prints Claude Code's stream-json shapes instantly.
+
+NOT Claude Code: used where the real CLI would only add seconds and nothing to check (the bridge's
+own queueing under load, a crash mid-run, a malformed output line). The end-to-end tests use the
+real CLI. Behaviour comes from the prompt (read from stdin, as the runner sends it):
+
+- ``sleep:<seconds>`` anywhere: wait that long before answering (unless FAKE_CLAUDE_NO_SLEEP=1);
+- ``malformed`` anywhere: print a line that is not JSON (and one unknown event) mid-stream;
+- anything else: answer ``Echo: <the prompt's last line>``.
+"""
+
+import json
+import os
+import sys
+import time
+import uuid
+
+
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main():
+    args = sys.argv[1:]
+    session = args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4())
+    prompt = sys.stdin.read()
+    emit(
+        {
+            "type": "system",
+            "subtype": "init",
+            "session_id": session,
+            "model": "fake-claude",
+            "tools": [],
+            "mcp_servers": [],
+        }
+    )
+    for word in prompt.split():
+        if word.startswith("sleep:") and os.environ.get("FAKE_CLAUDE_NO_SLEEP") != "1":
+            time.sleep(float(word.split(":", 1)[1]))
+    if "malformed" in prompt:
+        sys.stdout.write('{"type": "assistant", "message": {"content": [BROKEN\n')
+        emit({"type": "stream_event", "event": {"type": "something_new"}})
+    answer = "Echo: " + (prompt.strip().splitlines() or [""])[-1]
+    emit(
+        {
+            "type": "assistant",
+            "message": {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            "session_id": session,
+        }
+    )
+    emit(
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": False,
+            "result": answer,
+            "session_id": session,
+            "total_cost_usd": 0.001,
+            "num_turns": 1,
+            "duration_ms": 1,
+            "usage": {},
+            "permission_denials": [],
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

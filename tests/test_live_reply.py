@@ -1,0 +1,330 @@
+"""LiveReply (bridge/live.py): coalesced edits, flood waits per chat, finals that always arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge.formatting import FormattedText
+from bridge.live import LiveReply, live_reply_factory, tool_label
+from bridge.rate import Limits, RateController
+from bridge.transport import ReplySink, SentMessage
+from servers.core.errors import Category, ValorError
+from servers.core.settings import get_settings
+
+FAST = Limits(time_scale=0.02)  # one call per 22 ms per chat
+
+
+class RecordingTransport:
+    """An in-memory chat network that records every call; failures can be queued per call kind."""
+
+    def __init__(self) -> None:
+        self.messages: dict[tuple[int, int], str] = {}
+        self.calls: list[tuple[str, int, str, float]] = []
+        self.entities_seen: list[tuple] = []
+        self.failures: dict[str, list[Exception]] = {"send": [], "edit": [], "file": []}
+        self.deleted: list[SentMessage] = []
+        self.signals: list[tuple[int, str]] = []
+        self.reply_tos: list[int | None] = []
+        self._next_id = 100
+
+    def _fail(self, kind: str) -> None:
+        if self.failures[kind]:
+            raise self.failures[kind].pop(0)
+
+    async def send_text(self, chat_id, text, *, reply_to=None):
+        self._fail("send")
+        self._next_id += 1
+        self.messages[(chat_id, self._next_id)] = str(text)
+        self.entities_seen.append(getattr(text, "entities", ()))
+        self.calls.append(("send", chat_id, str(text), time.monotonic()))
+        self.reply_tos.append(reply_to)
+        return SentMessage(chat_id, self._next_id)
+
+    async def edit_text(self, message, text):
+        self._fail("edit")
+        self.messages[(message.chat_id, message.message_id)] = str(text)
+        self.calls.append(("edit", message.chat_id, str(text), time.monotonic()))
+
+    async def send_file(self, chat_id, path, *, caption="", reply_to=None):
+        self._fail("file")
+        self._next_id += 1
+        self.calls.append(("file", chat_id, str(path), time.monotonic()))
+        return SentMessage(chat_id, self._next_id)
+
+    async def delete_message(self, message):
+        self.deleted.append(message)
+        self.messages.pop((message.chat_id, message.message_id), None)
+
+    async def signal(self, chat_id, kind, *, message_id=None):
+        self.signals.append((chat_id, kind))
+
+    def sent(self, kind: str, chat_id: int | None = None) -> list[str]:
+        return [c[2] for c in self.calls if c[0] == kind and chat_id in (None, c[1])]
+
+
+def flood(seconds: float) -> ValorError:
+    return ValorError(Category.RATE_LIMIT, "Telegram asked to wait", retry_after=seconds)
+
+
+def reply(transport, chat_id=1, reply_to=55, rate=None, **kwargs) -> LiveReply:
+    return LiveReply(
+        transport,
+        chat_id,
+        reply_to,
+        rate=rate or RateController(FAST),
+        retry_backoff=0.01,
+        **kwargs,
+    )
+
+
+async def test_live_reply_is_a_reply_sink():
+    assert isinstance(reply(RecordingTransport()), ReplySink)
+
+
+async def test_bursts_of_text_coalesce_and_the_newest_text_is_shown():
+    transport = RecordingTransport()
+    live = reply(transport)
+    answer = ""
+    for i in range(200):
+        answer += f"w{i} "
+        await live.text(answer)
+        await asyncio.sleep(0.001)  # 200 updates in ~0.2-0.4 s
+    await asyncio.sleep(0.08)
+    previews = transport.sent("send") + transport.sent("edit")
+    assert 1 <= len(previews) < 60  # far fewer calls than updates
+    assert previews[-1].strip().endswith("w199")  # the newest text reached the chat
+    stamps = [c[3] for c in transport.calls]
+    assert min(b - a for a, b in itertools.pairwise(stamps)) >= 0.022 * 0.9
+
+
+async def test_unchanged_text_is_not_sent_again():
+    transport = RecordingTransport()
+    live = reply(transport)
+    await live.text("same")
+    await asyncio.sleep(0.05)
+    for _ in range(5):
+        await live.text("same")
+        await asyncio.sleep(0.03)
+    assert len(transport.calls) == 1
+
+
+async def test_tool_progress_shows_in_the_live_message():
+    transport = RecordingTransport()
+    live = reply(transport, typing=True)
+    await live.tool_progress("mcp__social-tools__search_current_info", "weather in Paris")
+    await asyncio.sleep(0.03)
+    assert transport.sent("send") == ["🔎 search_current_info weather in Paris…"]
+    assert (1, "typing") in transport.signals
+    await live.text("It is sunny.")
+    await asyncio.sleep(0.05)
+    assert transport.sent("edit")[-1].startswith("It is sunny.\n\n🔎 search_current_info")
+
+
+def test_tool_labels():
+    assert tool_label("mcp__social-tools__create_image") == "🎨 create_image"
+    assert tool_label("Bash") == "💻 Bash"
+    assert tool_label("mystery") == "🔧 mystery"
+
+
+async def test_final_is_a_fresh_message_and_the_preview_goes():
+    transport = RecordingTransport()
+    live = reply(transport)
+    await live.text("Working on **it**")
+    await asyncio.sleep(0.03)
+    assert len(transport.sent("send")) == 1  # the preview
+    await live.finish("Done: **all good**")
+    sends = transport.sent("send")
+    assert sends[-1] == "Done: all good"  # formatted, as a new (notifying) message
+    assert transport.reply_tos[-1] == 55
+    assert any(e.type == "bold" for e in transport.entities_seen[-1])
+    await live.settled()
+    assert len(transport.deleted) == 1  # the preview is removed
+    assert list(transport.messages.values()) == ["Done: all good"]
+
+
+async def test_fast_answer_without_preview_is_just_sent():
+    transport = RecordingTransport()
+    live = reply(transport)
+    await live.finish("Quick answer")
+    assert transport.sent("send") == ["Quick answer"] and not transport.deleted
+
+
+async def test_long_final_is_split_and_only_the_first_part_replies():
+    transport = RecordingTransport()
+    live = reply(transport)
+    await live.finish("\n\n".join("paragraph " * 300 for _ in range(4)))
+    assert len(transport.sent("send")) >= 3
+    assert transport.reply_tos[0] == 55 and set(transport.reply_tos[1:]) == {None}
+
+
+async def test_flood_wait_on_one_chat_does_not_stop_another():
+    transport = RecordingTransport()
+    rate = RateController(FAST)
+    slow = reply(transport, chat_id=1, rate=rate)
+    fast = reply(transport, chat_id=2, rate=rate)
+    await slow.text("first")
+    await fast.text("first")
+    await asyncio.sleep(0.05)
+    transport.failures["edit"].append(flood(0.5))  # the next edit (chat 1's) is refused
+    await slow.text("second")
+    await asyncio.sleep(0.05)
+    blocked_at = time.monotonic()
+    for i in range(5):
+        await fast.text(f"fast {i}")
+        await asyncio.sleep(0.04)
+    assert transport.sent("edit", 2)[-1] == "fast 4"  # chat 2 kept streaming
+    assert slow.flood_waits == 1 and rate.blocked_for(1) > 0
+    await asyncio.sleep(0.5)
+    assert transport.sent("edit", 1)[-1] == "second"  # retried after retry_after
+    retry_time = [c[3] for c in transport.calls if c[0] == "edit" and c[1] == 1][-1]
+    assert retry_time - blocked_at >= 0.35
+
+
+async def test_final_survives_repeated_flood_waits():
+    transport = RecordingTransport()
+    live = reply(transport)
+    transport.failures["send"] = [flood(0.1), flood(0.2), flood(0.1)]
+    start = time.monotonic()
+    await live.finish("the answer")
+    assert transport.sent("send") == ["the answer"]
+    assert time.monotonic() - start >= 0.4 and live.flood_waits == 3
+
+
+async def test_final_retries_transient_errors_then_gives_up_loudly():
+    transport = RecordingTransport()
+    live = reply(transport)
+    transport.failures["send"] = [ConnectionError("reset"), ValorError(Category.TIMEOUT, "slow")]
+    await live.finish("after two failures")
+    assert transport.sent("send") == ["after two failures"]
+
+    stubborn = RecordingTransport()
+    stubborn.failures["send"] = [ConnectionError("down")] * 100
+    give_up = reply(stubborn, final_retry_seconds=0.05)
+    with pytest.raises(ValorError) as caught:
+        await give_up.finish("never arrives")
+    assert caught.value.category is Category.UPSTREAM
+
+
+async def test_permanent_error_is_raised_at_once():
+    transport = RecordingTransport()
+    transport.failures["send"] = [ValorError(Category.INPUT, "chat not found")]
+    with pytest.raises(ValorError) as caught:
+        await reply(transport).finish("x")
+    assert caught.value.category is Category.INPUT
+
+
+async def test_only_files_in_the_media_dir_are_uploaded(tmp_path: Path):
+    media = tmp_path / "media"
+    media.mkdir()
+    image = media / "cat.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not send")
+    transport = RecordingTransport()
+    live = reply(transport, allowed_file_roots=[media])
+    await live.finish(
+        "Here it is", [image, secret, media / "missing.png", media / ".." / "secret.txt"]
+    )
+    assert transport.sent("file") == [str(image.resolve())]
+
+
+async def test_fail_tells_the_user():
+    transport = RecordingTransport()
+    await reply(transport).fail("Claude Code timed out after 900 s.")
+    assert transport.sent("send") == ["⚠️ Claude Code timed out after 900 s."]
+
+
+async def test_updates_after_finish_are_ignored():
+    transport = RecordingTransport()
+    live = reply(transport)
+    await live.finish("final")
+    await live.text("late text")
+    await asyncio.sleep(0.03)
+    assert transport.sent("send") == ["final"] and not transport.sent("edit")
+
+
+async def test_factory_uses_settings_and_shares_one_controller(monkeypatch):
+    monkeypatch.setenv("VALOR_TELEGRAM_TYPING", "false")
+    from servers.core.settings import reset_settings_cache
+
+    reset_settings_cache()
+    make = live_reply_factory()
+    a, b = make(RecordingTransport(), 1, 2), make(RecordingTransport(), -100, None)
+    assert a.rate is b.rate and not a.typing
+    assert b.is_group and not a.is_group
+    assert a.allowed_file_roots == [get_settings().media_path.resolve()]
+
+
+def test_formatted_text_survives_plain_concatenation():
+    assert FormattedText("a") + "b" == "ab"
+
+
+class NoDeleteTransport(RecordingTransport):
+    delete_message = None  # a transport that cannot delete
+
+
+async def test_without_delete_the_preview_becomes_the_tool_summary():
+    transport = NoDeleteTransport()
+    live = reply(transport)
+    await live.tool_progress("mcp__social-tools__create_image")
+    await asyncio.sleep(0.03)
+    await live.finish("Here is your picture.")
+    await live.settled()
+    assert list(transport.messages.values()) == ["🎨 create_image ✓", "Here is your picture."]
+
+
+async def test_attached_tool_images_are_uploaded_once_with_the_final(tmp_path: Path):
+    media = tmp_path / "media"
+    media.mkdir()
+    image = media / "made.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    transport = RecordingTransport()
+    live = reply(transport, allowed_file_roots=[media])
+    live.attach_files([image])
+    await live.finish("Your picture:", [image])
+    assert transport.sent("send") == ["Your picture:"]
+    assert transport.sent("file") == [str(image.resolve())]
+    assert live.message_id == 101
+
+
+async def test_a_broken_preview_never_costs_the_final_answer():
+    transport = RecordingTransport()
+    transport.failures["send"] = [LookupError("odd transport failure")]
+    live = reply(transport)
+    await live.text("first")
+    await asyncio.sleep(0.03)
+    await live.text("second")
+    await asyncio.sleep(0.03)
+    await live.finish("final")
+    assert transport.sent("send")[-1] == "final"
+
+
+async def test_failure_keeps_the_partial_answer():
+    transport = RecordingTransport()
+    live = reply(transport)
+    await live.text("Half of the answer")
+    await live.fail("Claude Code stopped.")
+    assert transport.sent("send")[-1] == "Half of the answer\n\n⚠️ Claude Code stopped."
+
+
+class SlowTransport(RecordingTransport):
+    async def send_text(self, chat_id, text, *, reply_to=None):
+        if not self.calls:
+            await asyncio.sleep(0.1)  # the first preview is still on its way when finish comes
+        return await super().send_text(chat_id, text, reply_to=reply_to)
+
+
+async def test_a_preview_in_flight_at_finish_is_not_left_behind():
+    transport = SlowTransport()
+    live = reply(transport)
+    await live.text("thinking")
+    await asyncio.sleep(0.02)
+    await live.finish("answer")
+    await live.settled()
+    assert transport.sent("send") == ["thinking", "answer"]
+    assert list(transport.messages.values()) == ["answer"]  # the preview was deleted
