@@ -179,15 +179,94 @@ def doctor() -> None:
 
 
 @app.command()
-def daemon() -> None:
-    """The main job: host every tool on loopback and say what is not configured."""
+def daemon(
+    once: Annotated[
+        str | None,
+        typer.Option("--once", help="Run one job (health, cleanup or daydream) and exit"),
+    ] = None,
+) -> None:
+    """The main job: host every tool, run maintenance as tool calls, run the promise workers."""
+    from scheduler.daemon import JOBS, outcome_json, run_daemon, run_once
     from servers.core.settings import get_settings
 
     _configure_logging()
     settings = get_settings()
+    if once is not None:
+        if once not in JOBS:
+            raise typer.BadParameter(f"jobs: {', '.join(JOBS)}", param_hint="--once")
+        outcome = asyncio.run(run_once(settings, once))
+        typer.echo(outcome_json(outcome))
+        raise typer.Exit(0 if outcome.ok else 1)
     typer.echo("Valor daemon starting. Capabilities:", err=True)
     print_capabilities()
-    _serve_all(settings.http_host, settings.http_port)
+    raise typer.Exit(asyncio.run(run_daemon(settings)))
+
+
+@app.command()
+def worker(
+    workers: Annotated[int, typer.Option(help="Worker threads")] = 2,
+) -> None:
+    """Run promise workers only (another machine sharing a Redis promise queue, or a spare)."""
+    from scheduler.daemon import run_workers
+    from servers.core.settings import get_settings
+
+    _configure_logging()
+    raise typer.Exit(run_workers(get_settings(), workers))
+
+
+@app.command()
+def chat(
+    chat_id: Annotated[int, typer.Option(help="Chat id the console conversation uses")] = 0,
+) -> None:
+    """Talk to Valor in the terminal: the bridge with a console transport (no Telegram)."""
+    from bridge.console import run_console
+    from servers.core.errors import ValorError
+
+    _configure_logging()
+    try:
+        asyncio.run(run_console(chat_id))
+    except ValorError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def login(
+    env_file: Annotated[
+        str, typer.Option("--env-file", help="Where TELEGRAM_SESSION is stored")
+    ] = ".env",
+    print_session: Annotated[
+        bool, typer.Option("--print", help="Print the session string instead of storing it")
+    ] = False,
+) -> None:
+    """Log a Telegram user account in (interactive) and store its session string."""
+    from pathlib import Path
+
+    from bridge.login import SESSION_KEY, check_login_settings, create_session, write_env_value
+    from servers.core.errors import ValorError
+    from servers.core.settings import get_settings
+
+    try:
+        api_id, api_hash = check_login_settings(get_settings())
+        session, name = asyncio.run(
+            create_session(
+                api_id,
+                api_hash,
+                phone=lambda: typer.prompt("Phone number (international format)"),
+                code=lambda: typer.prompt("Login code Telegram sent you"),
+                password=lambda: typer.prompt("Two-step verification password", hide_input=True),
+            )
+        )
+    except ValorError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if print_session:
+        typer.echo(session)
+        return
+    write_env_value(Path(env_file), SESSION_KEY, session)
+    typer.echo(f"Logged in as {name}. {SESSION_KEY} stored in {env_file} (keep it secret).")
 
 
 def main() -> None:

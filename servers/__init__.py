@@ -13,6 +13,13 @@ if TYPE_CHECKING:
 
 SERVERS: dict[str, str] = {
     "telegram-tools": "servers.telegram",
+    "social-tools": "servers.social",
+    "notion-tools": "servers.notion",
+    "daydream-tools": "servers.daydream",
+    "promise-tools": "servers.promises",
+    "monitoring-tools": "servers.monitoring",
+    "context-tools": "servers.context",
+    "development-tools": "servers.development",
 }
 
 

@@ -26,18 +26,15 @@ MIGRATIONS: dict[int, list[str]] = {
         """,
         "CREATE INDEX messages_by_chat_time ON messages (chat_id, sent_at)",
         # External-content FTS5: text is stored once; chat_key lets a search intersect with the
-        # chat's posting list instead of filtering every match afterwards.
+        # chat's posting list instead of filtering every match afterwards. New rows are indexed
+        # set-wise by history.record_messages (3x the rate of a per-row insert trigger), so
+        # messages are only ever inserted through it; deletes and edits use triggers.
+        # Prefix indexes keep short prefix* queries from merging thousands of term lists.
         """
         CREATE VIRTUAL TABLE messages_fts USING fts5(
             text, chat_key, content='messages', content_rowid='id',
-            tokenize='unicode61 remove_diacritics 2'
+            tokenize='unicode61 remove_diacritics 2', prefix='2 3 4'
         )
-        """,
-        """
-        CREATE TRIGGER messages_ai AFTER INSERT ON messages BEGIN
-            INSERT INTO messages_fts (rowid, text, chat_key)
-            VALUES (new.id, new.text, new.chat_key);
-        END
         """,
         """
         CREATE TRIGGER messages_ad AFTER DELETE ON messages BEGIN
@@ -67,5 +64,180 @@ MIGRATIONS: dict[int, list[str]] = {
             UNIQUE (pid, create_time)
         )
         """,
+    ],
+    # 2: links saved by social-tools (save_link / search_links), with an FTS5 index.
+    2: [
+        # chat_key is 'c<chat id>' or 'none' (an operator's own links): NOT NULL so that
+        # UNIQUE (chat_key, url) makes saving the same URL twice an update.
+        """
+        CREATE TABLE links (
+            id INTEGER PRIMARY KEY,
+            url TEXT NOT NULL,
+            final_url TEXT NOT NULL,
+            chat_id INTEGER,
+            chat_key TEXT NOT NULL,
+            title TEXT NOT NULL DEFAULT '',
+            summary TEXT NOT NULL DEFAULT '',
+            tags TEXT NOT NULL DEFAULT '',
+            summary_source TEXT NOT NULL DEFAULT 'extractive',
+            saved_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            UNIQUE (chat_key, url)
+        )
+        """,
+        """
+        CREATE VIRTUAL TABLE links_fts USING fts5(
+            title, summary, tags, url, chat_key, content='links', content_rowid='id',
+            tokenize='unicode61 remove_diacritics 2'
+        )
+        """,
+        """
+        CREATE TRIGGER links_ai AFTER INSERT ON links BEGIN
+            INSERT INTO links_fts (rowid, title, summary, tags, url, chat_key)
+            VALUES (new.id, new.title, new.summary, new.tags, new.url, new.chat_key);
+        END
+        """,
+        """
+        CREATE TRIGGER links_ad AFTER DELETE ON links BEGIN
+            INSERT INTO links_fts (links_fts, rowid, title, summary, tags, url, chat_key)
+            VALUES ('delete', old.id, old.title, old.summary, old.tags, old.url, old.chat_key);
+        END
+        """,
+        """
+        CREATE TRIGGER links_au AFTER UPDATE ON links BEGIN
+            INSERT INTO links_fts (links_fts, rowid, title, summary, tags, url, chat_key)
+            VALUES ('delete', old.id, old.title, old.summary, old.tags, old.url, old.chat_key);
+            INSERT INTO links_fts (rowid, title, summary, tags, url, chat_key)
+            VALUES (new.id, new.title, new.summary, new.tags, new.url, new.chat_key);
+        END
+        """,
+    ],
+    # 3: monitoring (issue #7): tool calls recorded by the PostToolUse hook, and the Claude Code
+    # sessions the SessionStart / SessionEnd hooks register.
+    3: [
+        """
+        CREATE TABLE tool_calls (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL DEFAULT '',
+            server TEXT NOT NULL,
+            tool TEXT NOT NULL,
+            success INTEGER NOT NULL CHECK (success IN (0, 1)),
+            duration_ms REAL,
+            error TEXT,
+            chat_id INTEGER,
+            called_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX tool_calls_by_time ON tool_calls (called_at)",
+        """
+        CREATE TABLE claude_sessions (
+            session_id TEXT PRIMARY KEY,
+            launched_by TEXT NOT NULL DEFAULT 'interactive',
+            chat_id INTEGER,
+            pid INTEGER,
+            create_time REAL,
+            cwd TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT '',
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            end_reason TEXT
+        )
+        """,
+        "CREATE INDEX claude_sessions_open ON claude_sessions (ended_at)",
+    ],
+    # 4: the bridge (issue #5): inbox (nothing lost, answered once), chat sessions, outbox.
+    4: [
+        """
+        CREATE TABLE bridge_inbox (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,
+            sender_id INTEGER,
+            sender_name TEXT NOT NULL DEFAULT '',
+            text TEXT NOT NULL,
+            sent_at REAL NOT NULL,
+            is_group INTEGER NOT NULL DEFAULT 0,
+            media_paths TEXT NOT NULL DEFAULT '[]',
+            status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN
+                ('pending', 'running', 'done', 'failed', 'cancelled', 'command')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            received_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            error TEXT,
+            UNIQUE (chat_id, message_id)
+        )
+        """,
+        "CREATE INDEX bridge_inbox_open ON bridge_inbox (status, id)",
+        """
+        CREATE TABLE chat_sessions (
+            chat_id INTEGER PRIMARY KEY,
+            session_id TEXT,
+            updated_at REAL NOT NULL,
+            last_cost_usd REAL,
+            last_duration_ms REAL,
+            total_cost_usd REAL NOT NULL DEFAULT 0
+        )
+        """,
+        # Messages for a chat produced outside a conversation turn (promise results, alerts).
+        """
+        CREATE TABLE bridge_outbox (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            files TEXT NOT NULL DEFAULT '[]',
+            reply_to INTEGER,
+            source TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            created_at REAL NOT NULL,
+            sent_at REAL
+        )
+        """,
+        "CREATE INDEX bridge_outbox_pending ON bridge_outbox (status, id)",
+    ],
+    # 5: the daemon (issue #8): daydream sessions and the promise queue's states.
+    5: [
+        """
+        CREATE TABLE daydream_sessions (
+            id TEXT PRIMARY KEY,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            status TEXT NOT NULL
+                CHECK (status IN ('running', 'completed', 'skipped', 'failed', 'interrupted')),
+            dry_run INTEGER NOT NULL DEFAULT 0,
+            skip_reason TEXT,
+            analysis_status TEXT,
+            phases TEXT NOT NULL DEFAULT '[]',
+            insights_path TEXT,
+            summary TEXT NOT NULL DEFAULT ''
+        )
+        """,
+        "CREATE INDEX daydream_sessions_by_time ON daydream_sessions (started_at)",
+        # A promise's state lives here; the task queue (huey) only carries the promise id.
+        """
+        CREATE TABLE promises (
+            id INTEGER PRIMARY KEY,
+            description TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            chat_id INTEGER,
+            status TEXT NOT NULL CHECK (status IN
+                ('waiting', 'pending', 'running', 'completed', 'failed', 'cancelled')),
+            task_id TEXT,
+            result TEXT,
+            error TEXT,
+            worker_host TEXT,
+            worker_pid INTEGER,
+            worker_create_time REAL,
+            recoveries INTEGER NOT NULL DEFAULT 0,
+            delivery TEXT,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX promises_by_status ON promises (status, created_at)",
     ],
 }

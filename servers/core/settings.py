@@ -132,14 +132,153 @@ class Settings(BaseSettings):
     operator_chat_id: int | None = Field(default=None, description="Where alerts go.")
     max_concurrent_runs: int = Field(default=4, ge=1)
 
+    # --- the bridge core (issue #5) ---
+    persona_file: Path | None = Field(
+        default=None,
+        description="Persona appended to Claude Code's system prompt (default: bridge/persona.md).",
+    )
+
+    # --- Telegram streaming (issue #6): send budgets, receipts, media, catch-up ---
+    telegram_per_chat_per_second: int = Field(
+        default=1, ge=1, description="Messages or edits per second in one chat."
+    )
+    telegram_group_per_minute: int = Field(
+        default=20, ge=1, description="Messages or edits per minute in one group."
+    )
+    telegram_global_per_second: int = Field(
+        default=30, ge=1, description="Messages or edits per second across all chats."
+    )
+    telegram_rate_margin: float = Field(
+        default=0.1, ge=0, le=2, description="Safety margin on every budget (0.1 = 10 % slower)."
+    )
+    telegram_typing: bool = Field(default=True, description="Show 'typing…' while tools run.")
+    telegram_receipt_reaction: str = Field(
+        default="👀", description="Reaction that says a message was received; empty: none."
+    )
+    telegram_final_retry_seconds: float = Field(
+        default=3600.0, gt=0, description="How long a failing final answer is retried."
+    )
+    telegram_max_download_mb: float = Field(
+        default=20.0, gt=0, description="Largest incoming photo or document saved."
+    )
+    telegram_catch_up: bool = Field(
+        default=True, description="Fetch messages missed while offline on connect."
+    )
+
     # --- model for summaries / analysis (OpenAI-compatible; Ollama by default for daydream) ---
     daydream_base_url: str = Field(default="http://127.0.0.1:11434/v1")
     daydream_model: str = Field(default="gemma3")
     daydream_timeout_seconds: float = Field(default=120.0, gt=0)
 
+    # --- the daemon (issue #8): schedule, daydream and the promise queue ---
+    daydream_api_key: SecretStr | None = Field(
+        default=None, description="Key for the daydream endpoint (Ollama needs none)."
+    )
+    daydream_cron: str = Field(
+        default="0 */6 * * *", description="When the daydream runs (crontab, local time)."
+    )
+    daydream_quiet_hours: str = Field(
+        default="", description='Local hours with no daydream, e.g. "22:00-07:00"; empty: none.'
+    )
+    daydream_workspaces: list[Path] = Field(
+        default_factory=list,
+        description="Repositories the daydream looks at (default: the Claude Code workdir).",
+    )
+    daydream_insights_file: Path | None = Field(
+        default=None, description="Insights file (default: LOG_DIR/daydream_insights.md)."
+    )
+    daydream_archives_kept: int = Field(default=10, ge=1, le=1000)
+    daydream_max_pending_promises: int = Field(
+        default=5, ge=0, description="Skip the daydream when more promises than this wait."
+    )
+    daydream_busy_cpu_percent: float = Field(default=85.0, gt=0, le=100)
+    daydream_busy_memory_percent: float = Field(default=92.0, gt=0, le=100)
+    health_interval_seconds: float = Field(default=30.0, ge=1)
+    cleanup_interval_minutes: float = Field(default=60.0, gt=0)
+    daemon_shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0, description="How long running jobs may finish after SIGTERM."
+    )
+    promise_queue_url: str | None = Field(
+        default=None,
+        description="redis://… for RedisHuey workers on several machines; unset: SQLite file.",
+    )
+    promise_workers: int = Field(default=2, ge=0, le=32)
+    promise_timeout_seconds: float = Field(default=3600.0, gt=0)
+
+    @property
+    def daydream_insights_path(self) -> Path:
+        return self.daydream_insights_file or self.log_path / "daydream_insights.md"
+
+    @property
+    def promise_queue_path(self) -> Path:
+        return self.data_dir / "promise_queue.db"
+
     # --- history tool bounds ---
     history_max_results: int = Field(default=50, ge=1, le=500)
     history_max_chars: int = Field(default=20_000, ge=1_000)
+
+    # --- social-tools and notion-tools (issue #3): limits for images, link fetching, retries ---
+    image_max_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024, description="Largest image the image tools read."
+    )
+    link_fetch_max_bytes: int = Field(
+        default=5 * 1024 * 1024, ge=1024, description="Largest page save_link downloads."
+    )
+    link_fetch_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="Whole-fetch deadline for save_link, redirects included."
+    )
+    link_max_redirects: int = Field(default=5, ge=0, le=20)
+    openai_max_retries: int = Field(
+        default=2, ge=0, le=10, description="openai SDK retries (429 honours Retry-After)."
+    )
+    perplexity_max_retries: int = Field(default=2, ge=0, le=10)
+    notion_max_retries: int = Field(
+        default=3, ge=0, le=10, description="notion-client retries on 429 (Retry-After) and 5xx."
+    )
+    notion_max_retry_delay_seconds: float = Field(
+        default=30.0, gt=0, description="Cap on one Retry-After wait from Notion."
+    )
+    notion_max_rows: int = Field(default=500, ge=1, le=10_000)
+
+    # --- monitoring-tools and the Claude Code hooks (issue #7) ---
+    # The hooks read VALOR_HOOK_* straight from the environment / .env (no pydantic there).
+    temp_dir: Path | None = Field(
+        default=None, description="Valor's temporary files (default: DATA_DIR/tmp)."
+    )
+    health_window_hours: float = Field(default=24.0, gt=0, le=24 * 90)
+    process_max_age_hours: float = Field(
+        default=24.0, gt=0, description="A Valor-started run alive longer than this is stale."
+    )
+    metrics_retention_days: float = Field(default=30.0, gt=0)
+    cleanup_grace_seconds: float = Field(
+        default=5.0, ge=0, le=300, description="SIGTERM to SIGKILL wait when ending a stale run."
+    )
+    hook_history_messages: int = Field(default=20, ge=0, le=500)
+    hook_context_max_tokens: int = Field(default=2000, ge=100, le=100_000)
+
+    # --- context-tools (issue #4) ---
+    context_summary_model: str | None = Field(
+        default=None,
+        description="OpenAI-compatible chat model that writes context summaries (uses "
+        "OPENAI_API_KEY / VALOR_OPENAI_BASE_URL); unset: extractive summaries.",
+    )
+
+    # --- development-tools (issue #9): workspace screenshots and the bug-report workflow ---
+    bug_report_allowed_tools: list[str] = Field(
+        default_factory=lambda: ["Bash", "Read", "Write", "Glob", "Grep"],
+        description="Claude Code tools a bug-report run may use without asking (--allowedTools).",
+    )
+    bug_report_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="How long one bug-report run may take."
+    )
+    browser_executable: Path | None = Field(
+        default=None,
+        description="Chromium for screenshots (default: chromium on PATH); never downloaded.",
+    )
+
+    @property
+    def temp_path(self) -> Path:
+        return self.temp_dir or self.data_dir / "tmp"
 
     @field_validator("log_level")
     @classmethod

@@ -1,0 +1,256 @@
+"""The daemon: jobs are real MCP tool calls over the hosted HTTP app; SIGTERM is clean."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+
+import psutil
+import pytest
+from apscheduler.jobstores.memory import MemoryJobStore
+
+from scheduler.daemon import Daemon, cron_trigger, in_quiet_hours, parse_quiet_hours
+from servers.core import promises
+from servers.core.outbox import pending_outbound
+from servers.core.settings import REPO_ROOT, get_settings, reset_settings_cache
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    monkeypatch.setenv("VALOR_HTTP_PORT", "0")
+    monkeypatch.setenv("VALOR_DAYDREAM_BASE_URL", "http://127.0.0.1:9/v1")  # no model
+    monkeypatch.setenv("VALOR_DAYDREAM_BUSY_CPU_PERCENT", "100")
+    reset_settings_cache()
+    return get_settings()
+
+
+async def test_scheduled_health_job_is_a_real_tool_call_in_the_metrics(store, settings):
+    daemon = Daemon(settings, workers=0, run_bridge=False)
+    await daemon.start()
+    try:
+        for _ in range(200):  # the health job runs once at start
+            if "health" in daemon.last_outcomes:
+                break
+            await asyncio.sleep(0.05)
+        outcome = daemon.last_outcomes["health"]
+        jobs = {job.id: job for job in daemon._scheduler.get_jobs()}
+        job_store = daemon._scheduler._lookup_jobstore("default")
+    finally:
+        await daemon.stop()
+    assert outcome.ok, outcome.detail
+    assert outcome.data["status"] in ("healthy", "degraded", "critical")
+    assert outcome.data["machine"]["cpu_count"] >= 1  # measured by monitoring-tools
+    rows = store.query("SELECT server, tool, success, duration_ms, session_id FROM tool_calls")
+    assert [(r["server"], r["tool"], r["success"]) for r in rows] == [
+        ("monitoring-tools", "system_health", 1)
+    ]
+    assert rows[0]["session_id"] == "valor-daemon" and rows[0]["duration_ms"] > 0
+    assert set(jobs) == {"valor-health", "valor-cleanup", "valor-daydream"}
+    assert all(job.coalesce and job.max_instances == 1 for job in jobs.values())
+    assert jobs["valor-daydream"].misfire_grace_time == 1800
+    assert isinstance(job_store, MemoryJobStore)  # no locks taken on valor.db
+
+
+async def test_cleanup_and_daydream_jobs_through_the_tools(store, settings):
+    daemon = Daemon(settings, schedule=False, workers=0, run_bridge=False)
+    await daemon.start()
+    try:
+        cleanup = await daemon.run_job("cleanup")
+        dream = await daemon.run_job("daydream")
+    finally:
+        await daemon.stop()
+    assert cleanup.ok and "summary" in cleanup.data
+    assert dream.ok and dream.data["status"] == "completed"
+    assert "analysis skipped: no model answers" in dream.data["summary"]
+    calls = {(r["server"], r["tool"]) for r in store.query("SELECT server, tool FROM tool_calls")}
+    assert {("monitoring-tools", "cleanup_resources"), ("daydream-tools", "run_daydream")} <= calls
+
+
+async def test_quiet_hours_skip_the_daydream(store, settings, monkeypatch):
+    now = datetime.now().astimezone()
+    start, end = (now.hour - 1) % 24, (now.hour + 1) % 24
+    monkeypatch.setenv("VALOR_DAYDREAM_QUIET_HOURS", f"{start:02d}:00-{end:02d}:00")
+    reset_settings_cache()
+    daemon = Daemon(get_settings(), schedule=False, workers=0, run_bridge=False)
+    await daemon.start()
+    try:
+        outcome = await daemon.run_job("daydream")
+    finally:
+        await daemon.stop()
+    assert outcome.ok and outcome.detail == "skipped: quiet hours"
+    assert store.query("SELECT COUNT(*) AS n FROM daydream_sessions")[0]["n"] == 0
+
+
+def test_quiet_hours_and_cron_parsing():
+    assert parse_quiet_hours("") is None
+    quiet = parse_quiet_hours("22:00-07:00")
+    assert in_quiet_hours(quiet, datetime(2026, 1, 1, 23, 30))
+    assert in_quiet_hours(quiet, datetime(2026, 1, 1, 6, 59))
+    assert not in_quiet_hours(quiet, datetime(2026, 1, 1, 7, 0))
+    assert in_quiet_hours(parse_quiet_hours("9-17"), datetime(2026, 1, 1, 12))
+    with pytest.raises(ValueError, match="22:00-07:00"):
+        parse_quiet_hours("late")
+    assert "second='*/5'" in str(cron_trigger("*/5 * * * * *"))
+    with pytest.raises(ValueError):
+        cron_trigger("every six hours")
+
+
+def daemon_env(**extra):
+    env = dict(os.environ)
+    env.update({"VALOR_HTTP_PORT": "0", "VALOR_PROMISE_WORKERS": "1", **extra})
+    return env
+
+
+class LogReader:
+    """Collects a child's stderr lines on a thread so waiting never blocks the pipe."""
+
+    def __init__(self, process):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append(line)
+
+    def wait_for(self, text, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not logged:\n" + "".join(self.lines[-40:]))
+
+    @property
+    def text(self):
+        return "".join(self.lines)
+
+
+def start_daemon(env):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "daemon"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return process, LogReader(process)
+
+
+def descendants(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_fresh_daemon_starts_checks_health_says_what_is_off_and_stops(store):
+    process, log = start_daemon(daemon_env())
+    try:
+        log.wait_for("daemon ready")
+        log.wait_for("job health: status")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=30)
+    text = log.text
+    assert returncode == 0, text[-3000:]
+    assert "bridge off: set TELEGRAM_API_ID" in text
+    assert "daydream model off: nothing answers at http://127.0.0.1:11434/v1" in text
+    assert "tools hosted at http://127.0.0.1:" in text
+    assert "daemon stopped" in text
+    registered = store.query("SELECT kind, ended_at FROM processes WHERE kind = 'daemon'")
+    assert len(registered) == 1 and registered[0]["ended_at"] is not None
+
+
+def test_sigterm_with_a_daydream_and_a_claude_promise_running(
+    store, fake_openai, fake_anthropic, claude_bin, claude_env
+):
+    """Both hang in their model calls; SIGTERM cancels the job after the grace period, puts the
+    promise back on the queue once, and ends Claude Code's process tree."""
+    fake_openai.hang_seconds = 30
+    fake_openai.fail_next("timeout", path="/v1/chat/completions")
+    fake_anthropic.hang_seconds = 30
+    fake_anthropic.fail_next("timeout", count=10, path="/v1/messages")
+    queue = promises.get_queue()
+    promise = promises.create_promise(store, queue, "a long refactor", "claude_code", None)
+    promises.close_queues()
+    env = daemon_env(
+        **claude_env,
+        VALOR_CLAUDE_BIN=str(claude_bin),
+        VALOR_CLAUDE_WORKDIR=str(store.path.parent),
+        VALOR_DAYDREAM_BASE_URL=f"{fake_openai.url}/v1",
+        VALOR_DAYDREAM_CRON="*/1 * * * * *",  # at once (six fields: seconds first)
+        VALOR_DAYDREAM_BUSY_CPU_PERCENT="100",
+        VALOR_DAYDREAM_MAX_PENDING_PROMISES="5",
+        VALOR_DAEMON_SHUTDOWN_GRACE_SECONDS="1",
+        VALOR_HEALTH_INTERVAL_SECONDS="3600",
+    )
+    process, log = start_daemon(env)
+    try:
+        log.wait_for("daemon ready")
+        deadline = time.monotonic() + 60
+        # Both are inside their hung model calls.
+        while not (fake_openai.chat_requests and fake_anthropic.message_requests):
+            assert time.monotonic() < deadline, log.text[-3000:]
+            time.sleep(0.05)
+        children = descendants(process.pid)
+        assert any("claude" in " ".join(c.cmdline()) for c in children)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=30)
+        stop_seconds = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.text
+    assert returncode == 0, text[-3000:]
+    assert stop_seconds < 15, text[-3000:]
+    assert "cancelled 1 job(s) still running after the grace period" in text
+    assert f"promise {promise.id} interrupted by the shutdown: recovered" in text
+    time.sleep(0.2)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    sessions = store.query("SELECT status, phases FROM daydream_sessions")
+    assert [row["status"] for row in sessions] == ["interrupted"]
+    phases = [phase["name"] for phase in json.loads(sessions[0]["phases"])]
+    assert phases[-1] == "context"  # stopped inside the analysis
+    interrupted = promises.get_promise(store, promise.id)
+    assert interrupted.status == "pending" and interrupted.recoveries == 1
+    claude_runs = store.query("SELECT ended_at FROM processes WHERE kind = 'claude-promise'")
+    assert claude_runs  # it was registered, and its process is gone (checked above)
+
+
+def test_once_rejects_an_unknown_job():
+    completed = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "daemon", "--once", "nap"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 2 and "health, cleanup, daydream" in completed.stderr
+
+
+def test_operator_hears_about_alert_changes_once(store, settings, monkeypatch):
+    monkeypatch.setenv("TELEGRAM_API_ID", "12345")
+    monkeypatch.setenv("TELEGRAM_API_HASH", "0123456789abcdef")
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123456:" + "A" * 35)
+    monkeypatch.setenv("VALOR_OPERATOR_CHAT_ID", "99")
+    reset_settings_cache()
+    daemon = Daemon(get_settings(), schedule=False, workers=0, run_bridge=False)
+    disk = {"metric": "disk_percent", "message": "Disk 97% full.", "recommended_action": "Free."}
+    cpu = {"metric": "cpu_percent", "message": "CPU 99%.", "recommended_action": "Look."}
+    # A flapping CPU alert is never sent; a lasting one is sent once; recovery once.
+    for alerts in ([cpu], [], [cpu], [], [disk], [disk], [disk], [disk], [], [], []):
+        daemon._alert_on_change("degraded" if alerts else "healthy", alerts)
+    sent = pending_outbound(store)
+    assert [m.chat_id for m in sent] == [99, 99]
+    assert "Disk 97% full. Free." in sent[0].text and sent[0].source == "health"
+    assert "cleared" in sent[1].text
