@@ -34,8 +34,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 PYTHON = ".venv/bin/python"
 CHAT, SHORT_CHAT = 4242, 4343
-BRIDGE_SHORT, BRIDGE_LONG = "UserPromptSubmit (bridge, short)", "UserPromptSubmit (bridge, long)"
-BRIDGE_PREBUILT = "UserPromptSubmit (bridge, long, prebuilt)"
+# The bridge builds the block in its own process and hands it over (VALOR_CONTEXT_BLOCK_FILE):
+# that is the path every bridge prompt takes. The other two rows are the hook's fallback, when a
+# launcher gives it only the chat and it must build the block itself.
+BRIDGE_PREBUILT = "UserPromptSubmit (bridge: block built by the bridge)"
+BRIDGE_SHORT = "UserPromptSubmit (fallback: hook builds a short block)"
+BRIDGE_LONG = "UserPromptSubmit (fallback: hook builds a long block)"
 INTERACTIVE, POST_TOOL_USE = "UserPromptSubmit (interactive)", "PostToolUse"
 TARGETS_MS = {BRIDGE_SHORT: 150, BRIDGE_LONG: 150, BRIDGE_PREBUILT: 150, INTERACTIVE: 150}
 TARGETS_MS[POST_TOOL_USE] = 100
