@@ -11,7 +11,7 @@ import pytest
 import tiktoken
 from fastmcp import Client
 
-from servers.core import context_opt
+from servers.core import context_opt, tokens
 from servers.core.context_opt import (
     MESSAGE_OVERHEAD_TOKENS,
     SUMMARY_NAME,
@@ -282,6 +282,49 @@ def test_extractive_summary_keeps_fact_sentences_and_batches_small_talk():
     assert "messages not shown" in summary  # a batch line for the long chatter runs
     assert "weather" not in summary  # chatter sentences are not copied
     assert result.summary_method == "extractive"
+
+
+def test_roomy_budgets_show_everything_that_matters_verbatim():
+    messages, critical_keys = mixed_conversation(4, size=400)
+    full = recount(messages)
+    budget = full // 2  # the fast path: every critical, request and fact unit fits verbatim
+    result = optimize_context(messages, budget)
+    assert recount(result.messages) == result.tokens_after <= budget
+    assert_valid_order(messages, result.messages)
+    kept = {id(m) for m in result.messages}
+    conv = context_opt._Conversation(messages)
+    assert all(
+        id(messages[i]) in kept
+        for i in range(len(messages))
+        if conv.prio[i] == context_opt.CRITICAL
+    )
+    # an orphaned critical tool result can only be summarized: the usual path gives it a line
+    orphan = {"role": "tool", "tool_call_id": "gone", "content": "Error: disk full on /dev/sda1"}
+    messages.insert(5, orphan)
+    assert 5 in context_opt._Conversation(messages).orphans
+    result = optimize_context(messages, budget)
+    assert recount(result.messages) == result.tokens_after <= budget
+    assert "Error: disk full on /dev/sda1" in all_text(result.messages)
+    assert id(orphan) not in {id(m) for m in result.messages}
+    assert all(key in all_text(result.messages) for key in critical_keys)
+
+
+def test_batched_counts_and_the_joined_text_match_per_message_work():
+    samples = ["", "hello world", "Привет 🚀 今天", "lone \ud800 surrogate", "x" * 3000, "a\x00b"]
+    assert tokens.counts(samples) == [tokens.count(t) for t in samples]
+    assert tokens.count(samples[3]) == len(ENCODING.encode_ordinary(samples[3]))
+    messages = [{"role": "user", "content": t} for t in [*samples, "fix the build"] * 15]
+    conv = context_opt._Conversation(messages)
+    encoded = [m["content"].encode("utf-8", "surrogatepass") for m in messages]
+    assert conv.raw == b"\x00" + b"\x00".join(encoded)
+    assert conv.sizes == [len(e) for e in encoded]
+    # an imperative counts at the start of a message, not after a NUL inside one
+    tail = [
+        {"role": "user", "content": "fix the build"},
+        {"role": "user", "content": "a\x00fix it"},
+    ]
+    conv = context_opt._Conversation(tail)
+    assert conv.prio[0] == context_opt.HIGH and conv.prio[1] == context_opt.MEDIUM
 
 
 def test_priorities_follow_the_documented_rules():

@@ -29,6 +29,11 @@ How the budget is spent:
 6. Then the newest remaining units (small talk too), verbatim, while they fit.
 7. With what is left, one line per batch of 20+ messages neither shown nor summarized.
 
+Shortcut for roomy budgets: when every unit steps 2-5 could show verbatim (CRITICAL, HIGH, MEDIUM
+with a fact or in the recent window) fits after step 1 and the recent turns, by exact count, they
+are all shown at once and steps 2-5 build no lines they would only replace (not with a
+summarizer, nor when an orphaned tool result would need a line).
+
 The lines form one summary message (name ``context-summary``) after the
 leading system messages, as role ``user`` (it quotes chat text, which must not gain a system
 prompt's weight); a summarizer (a model) may rewrite the lines within the same room.
@@ -49,8 +54,8 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from itertools import accumulate, pairwise, repeat
-from operator import add, mul
+from itertools import accumulate, compress, pairwise, repeat
+from operator import add, mul, not_
 
 from servers.core import tokens
 
@@ -61,7 +66,10 @@ RECENT_WINDOW = 50  # featureless chat older than this many messages counts as o
 SMALL_TALK_BATCH = 20  # small-talk runs at least this long get their own summary line
 EXACT_BEFORE_BYTES = 64_000  # inputs up to this size have tokens_before counted exactly
 SAMPLE_SIZE = 48
-CALIBRATION_LINES = 48  # summary lines counted exactly before the rest are estimated
+_ENCODE_CHUNK = 32  # messages encoded together when the joined text is built
+SAMPLE_BYTES = 4_000  # a sample stops at this many bytes, once it has SAMPLE_MIN messages
+SAMPLE_MIN = 16
+CALIBRATION_LINES = 16  # summary lines counted exactly before the rest are estimated
 LINE_ESTIMATE_MARGIN = 1.06
 MODEL_MARGIN_TOKENS = 8
 SUMMARY_NAME = "context-summary"
@@ -245,24 +253,25 @@ class _Conversation:
             found.update(i for i, c in enumerate(contents) if type(c) is not str)
         if any(map(dict.__contains__, messages, repeat("tool_calls"))):
             found.update(i for i, m in enumerate(messages) if "tool_calls" in m)
+        found.update(_positions(self.roles, "tool"))  # results with text content: orphans?
         structured = sorted(found)
         for i in structured:
             contents[i] = message_text(messages[i])
         self.texts: list[str] = contents
-        self.encoded = [t.encode("utf-8", "surrogatepass") for t in contents]
-        self.total_bytes = sum(map(len, self.encoded))
+        # UTF-8 sizes: len() for ASCII texts (str.isascii is O(1)), an encode for the others
+        sizes = self.sizes = list(map(len, contents))
+        for i in compress(range(n), map(not_, map(str.isascii, contents))):
+            sizes[i] = len(contents[i].encode("utf-8", "surrogatepass"))
+        self.total_bytes = sum(sizes)
         self.units: dict[int, tuple[int, int]] = {}  # message index -> tool unit [start, end)
         self.orphans: set[int] = set()  # tool results whose call is not in the input
-        self.system_indices = (
-            [i for i, role in enumerate(self.roles) if role == "system"]
-            if "system" in self.roles
-            else []
-        )
+        self.system_indices = _positions(self.roles, "system")
         self.prio = bytearray([MEDIUM]) * n
         self.has_fact = bytearray(n)
         self._find_tool_units(structured)
         self._classify()
-        self._costs: dict[int, int] = {}
+        self._costs: dict[int, int] = {}  # exact cost of each message counted so far
+        self._known_text = self._known_bytes = 0  # their text tokens and UTF-8 bytes
         self._name_costs: dict[str, int] = {}
         self._speakers: dict[str, str] = {}
         self._stamps: dict[int, str] = {}
@@ -332,26 +341,35 @@ class _Conversation:
         The joined bytes, their byte classes and the critical-marker positions are kept for
         extracting summary sentences later.
         """
-        encoded, has_fact = self.encoded, self.has_fact
-        raw = b"\x00" + b"\x00".join(encoded)
-        if raw.count(b"\x00") != len(encoded):  # a NUL inside a message: blank it
-            encoded = self.encoded = [e.replace(b"\x00", b" ") for e in encoded]
-            raw = b"\x00" + b"\x00".join(encoded)
-        self.raw = raw
-        starts = self.starts = list(accumulate(map(_plus_one, map(len, encoded)), initial=0))
-        automaton, kinds = _automaton()
+        has_fact, n = self.has_fact, self.n
+        # the joined UTF-8 text with a NUL before every message, encoded in chunks: one encode
+        # of everything would widen all of it to 4 bytes a character for a single emoji, one
+        # per message costs an allocation each (both measured slower)
+        texts, step = self.texts, _ENCODE_CHUNK
+        chunks = [b""]
+        chunks.extend(
+            "\x00".join(texts[k : k + step]).encode("utf-8", "surrogatepass")
+            for k in range(0, n, step)
+        )
+        raw = self.raw = b"\x00".join(chunks)
+        del chunks
+        starts = self.starts = list(accumulate(map(add, self.sizes, repeat(1)), initial=0))
+        lowered = raw.lower()
         critical: set[int] = set()
         requests: set[int] = set()
-        self.marks: dict[int, list[int]] = {}  # message -> positions of critical markers
-        for pattern, start, _end in automaton.find_matches_as_indexes(raw.lower()):
+        marks: dict[int, list[int]] = {}  # message -> positions of critical markers
+        self.marks = marks
+        for _pattern, start, _end in _automaton(CRITICAL)[0].find_matches_as_indexes(lowered):
             i = bisect_right(starts, start) - 1
-            if kinds[pattern] == CRITICAL:
-                critical.add(i)
-                self.marks.setdefault(i, []).append(start)
-            else:
+            critical.add(i)
+            marks.setdefault(i, []).append(start)
+        automaton, anchored = _automaton(HIGH)
+        for pattern, start, _end in automaton.find_matches_as_indexes(lowered):
+            i = bisect_right(starts, start) - 1
+            if not anchored[pattern] or start == starts[i]:  # an inner NUL starts nothing
                 requests.add(i)
+        del lowered
         classes = self.classes = raw.translate(_CLASS_TABLE)
-        n = len(encoded)
         fact_until = -1  # end of the last message marked: one hit per message is enough
         for _pattern, start, _end in _fact_automaton().find_matches_as_indexes(classes):
             if start >= fact_until:
@@ -369,13 +387,12 @@ class _Conversation:
         timestamp = self.messages[i].get("timestamp")
         if not isinstance(timestamp, int | float) or not 0 < timestamp < 1e11:
             return ""
-        minute = int(timestamp // 60)
-        shown = self._stamps.get(minute)
-        if shown is None:
-            shown = self._stamps[minute] = " " + time.strftime(
-                "%m-%d %H:%M", time.gmtime(timestamp)
-            )
-        return shown
+        seconds = int(timestamp)  # positive: int() floors, as gmtime does
+        day = self._stamps.get(seconds // 86400)
+        if day is None:  # one strftime per day; hours and minutes by arithmetic
+            day = self._stamps[seconds // 86400] = time.strftime("%m-%d", time.gmtime(timestamp))
+        seconds %= 86400
+        return f" {day} {seconds // 3600:02d}:{seconds % 3600 // 60:02d}"
 
     def span(self, i: int) -> tuple[int, int]:
         """Byte range of message ``i`` in the joined text."""
@@ -385,13 +402,30 @@ class _Conversation:
         return self.units.get(i, (i, i + 1))
 
     def cost(self, i: int) -> int:
-        """Exact tokens of message ``i`` as shown verbatim."""
+        """Exact tokens of message ``i`` as shown verbatim (counted once per call)."""
         value = self._costs.get(i)
         if value is None:
-            value = tokens.count(self.texts[i]) + self.name_cost(self.messages[i].get("name"))
-            value += MESSAGE_OVERHEAD_TOKENS
+            text = tokens.count(self.texts[i])
+            self._known_text += text
+            self._known_bytes += self.sizes[i]
+            value = text + self.name_cost(self.messages[i].get("name")) + MESSAGE_OVERHEAD_TOKENS
             self._costs[i] = value
         return value
+
+    def costs(self, indices: Iterable[int]) -> list[int]:
+        """``cost`` of many messages; the ones not counted yet are tokenized in one batch."""
+        known = self._costs
+        indices = list(indices)
+        missing = [i for i in indices if i not in known]
+        if missing:
+            texts, messages, name_cost = self.texts, self.messages, self.name_cost
+            counted = tokens.counts([texts[i] for i in missing])
+            self._known_text += sum(counted)
+            self._known_bytes += sum(map(self.sizes.__getitem__, missing))
+            for i, text in zip(missing, counted, strict=True):
+                name = messages[i].get("name")
+                known[i] = text + (name_cost(name) if name else 0) + MESSAGE_OVERHEAD_TOKENS
+        return list(map(known.__getitem__, indices))
 
     def name_cost(self, name: object) -> int:
         if not name:
@@ -403,7 +437,9 @@ class _Conversation:
         return value
 
     def unit_cost(self, start: int, end: int) -> int:
-        return sum(self.cost(k) for k in range(start, end))
+        if end - start == 1:
+            return self.cost(start)
+        return sum(self.costs(range(start, end)))
 
     def speaker(self, i: int) -> str:
         name = self.messages[i].get("name")
@@ -417,7 +453,18 @@ class _Conversation:
         return shown
 
 
-_plus_one = (1).__add__
+def _positions(items: list, value: object) -> list[int]:
+    """Indices of ``value`` in ``items``, found with list.index (C) rather than a loop."""
+    found: list[int] = []
+    index, i = items.index, -1
+    try:
+        while True:
+            i = index(value, i + 1)
+            found.append(i)
+    except ValueError:
+        return found
+
+
 _OLD_CHATTER = bytes(
     (LOW if value == MEDIUM * 4 else value // 4) if value < 16 else 0 for value in range(256)
 )
@@ -427,7 +474,8 @@ _OLD_CHATTER = bytes(
 def _fact_automaton():
     import ahocorasick_rs
 
-    return ahocorasick_rs.BytesAhoCorasick(list(_FACT_NEEDLES))
+    matchkind = ahocorasick_rs.MatchKind.LeftmostFirst
+    return ahocorasick_rs.BytesAhoCorasick(list(_FACT_NEEDLES), matchkind=matchkind)
 
 
 def _variants(word: str) -> set[str]:
@@ -435,21 +483,21 @@ def _variants(word: str) -> set[str]:
     return {word} if word.isascii() else {word, word.capitalize(), word.upper()}
 
 
-@lru_cache(maxsize=1)
-def _automaton():
+# Leftmost-first matching lets the aho-corasick crate use its SIMD prefilter (Teddy, for up to
+# 64 patterns); standard matching cannot, and was measured about 6x slower on chat text. Which
+# messages contain a marker is the same either way: a marker cannot span two messages.
+@lru_cache(maxsize=2)
+def _automaton(kind: int):
+    """Critical markers or request markers, each under the prefilter's 64-pattern limit.
+
+    For requests, ``anchored[k]`` says pattern k only counts at the start of a message."""
     import ahocorasick_rs
 
-    patterns: list[bytes] = []
-    kinds: list[int] = []
-    for kind, words in (
-        (CRITICAL, _CRITICAL_MARKERS),
-        (HIGH, _REQUEST_MARKERS),
-    ):
-        for word in words:
-            for variant in sorted(_variants(word)):
-                patterns.append(variant.encode())
-                kinds.append(kind)
-    return ahocorasick_rs.BytesAhoCorasick(patterns), kinds
+    words = _CRITICAL_MARKERS if kind == CRITICAL else _REQUEST_MARKERS
+    patterns = [variant.encode() for word in words for variant in sorted(_variants(word))]
+    anchored = [pattern.startswith(b"\x00") for pattern in patterns]
+    matchkind = ahocorasick_rs.MatchKind.LeftmostFirst
+    return ahocorasick_rs.BytesAhoCorasick(patterns, matchkind=matchkind), anchored
 
 
 # --- summaries --------------------------------------------------------------------------------
@@ -509,17 +557,14 @@ def _fact_spans(
 def fact_sentences(text: str, *, question: bool = False) -> list[str]:
     """The sentences of ``text`` that carry a name, number, path, URL, decision (or question)."""
     raw = text.encode("utf-8", "surrogatepass")
-    automaton, kinds = _automaton()
-    marks = [
-        p for k, p, _ in automaton.find_matches_as_indexes(raw.lower()) if kinds[k] == CRITICAL
-    ]
+    marks = [p for _, p, _ in _automaton(CRITICAL)[0].find_matches_as_indexes(raw.lower())]
     classes = raw.translate(_CLASS_TABLE)
     spans = _fact_spans(raw, classes, 0, len(raw), marks=marks, question=question)
     return _sentences(raw, spans)
 
 
 def _sentences(raw: bytes, spans: list[tuple[int, int]]) -> list[str]:
-    found = (_one_line(raw[a:b].decode("utf-8", "ignore")) for a, b in spans)
+    found = (_one_line(raw[a:b].decode("utf-8", "ignore").replace("\x00", " ")) for a, b in spans)
     return [_clip(sentence) for sentence in found if sentence]
 
 
@@ -621,22 +666,34 @@ def _optimize(
     counts = {name: conv.prio.count(level) for level, name in enumerate(PRIORITY_NAMES)}
     if n == 0:
         return Optimized([], 0, True, 0, max_tokens, 0, 0, 0, 0, counts, _ms(started), "none")
-    if conv.total_bytes <= 12 * max_tokens:  # it may all fit: count it and see
-        total = sum(conv.cost(i) for i in range(n))
+    if conv.total_bytes <= 12 * max_tokens:  # it may all fit: count it, newest first, and see
+        total, end = 0, n
+        while end > 0 and total <= max_tokens:  # stop counting once it is over
+            start = max(0, end - 256)
+            total += sum(conv.costs(range(start, end)))
+            end = start
         if total <= max_tokens:
             elapsed = _ms(started)
             return Optimized(
                 list(messages), total, True, total, max_tokens, n, 0, 0, 0, counts, elapsed, "none"
             )
-    plan = _Plan(conv, max_tokens)
-    plan.keep_mandatory()
-    plan.add_critical_lines()
-    plan.keep_recent_turns(recent_turns)
-    plan.add_summary_lines()
+    plan = None
     warnings: list[str] = []
-    if summarizer is not None and plan.lines:
-        warnings = plan.use_model_summary(summarizer)
-    plan.upgrade_to_verbatim()
+    if summarizer is None:  # roomy budgets: when all that matters fits verbatim, show it all
+        fast = _Plan(conv, max_tokens)
+        fast.keep_mandatory()
+        fast.keep_recent_turns(recent_turns)
+        if fast.take_all_that_matters():  # steps 2-5 would find nothing left to do
+            plan = fast
+    if plan is None:  # the usual path: critical lines first, then recent turns, then the others
+        plan = _Plan(conv, max_tokens)
+        plan.keep_mandatory()
+        plan.add_critical_lines()
+        plan.keep_recent_turns(recent_turns)
+        plan.add_summary_lines()
+        if summarizer is not None and plan.lines:
+            warnings = plan.use_model_summary(summarizer)
+        plan.upgrade_to_verbatim()
     plan.fill_with_recent()
     if plan.model_text is None:
         plan.add_small_talk_batches()
@@ -692,7 +749,7 @@ class _Plan:
         """Tokens a summary line adds. The first lines are counted exactly; later ones are
         estimated from their bytes at the ratio measured so far, plus a margin. The summary as
         a whole is counted exactly in ``finish``, which gives lines back if it is over."""
-        size = len(line.encode("utf-8", "surrogatepass")) + 1
+        size = (len(line) if line.isascii() else len(line.encode("utf-8", "surrogatepass"))) + 1
         self._calibrated += 1
         if self._calibrated <= CALIBRATION_LINES or self._calibrated % 16 == 0:
             cost = tokens.count(line) + 1
@@ -717,8 +774,7 @@ class _Plan:
     def keep_mandatory(self) -> None:
         conv = self.conv
         last_turn = _turn_start(conv, conv.n)
-        must = [i for i, role in enumerate(conv.roles) if role == "system"]
-        must.extend(range(last_turn, conv.n))
+        must = [*conv.system_indices, *range(last_turn, conv.n)]
         for i in must:
             self._take(*conv.unit(i))
         if self.used > self.budget:
@@ -777,6 +833,35 @@ class _Plan:
                 if start not in self.verbatim and (level < MEDIUM or conv.has_fact[start]):
                     yield start
                 i = prio.rfind(level, 0, start)
+
+    def take_all_that_matters(self) -> bool:
+        """Fast path for roomy budgets: when every unit that steps 2-5 could show verbatim
+        (CRITICAL, HIGH, MEDIUM with a fact or in the recent window) fits, show them all and
+        skip building summary lines that step 5 would only replace. Decided on an exact
+        count; a cheap byte estimate first rules out hopeless cases."""
+        conv, verbatim, prio, orphans = self.conv, self.verbatim, self.conv.prio, self.conv.orphans
+        recent, has_fact = conv.n - RECENT_WINDOW, conv.has_fact
+        units = []
+        for level in (CRITICAL, HIGH, MEDIUM):
+            i = prio.rfind(level)
+            while i != -1:
+                start, end = conv.unit(i)
+                if level < MEDIUM or has_fact[start] or start >= recent:
+                    if start in orphans:  # it can only have a line: leave it to the usual path
+                        return False
+                    units.append((start, end))
+                i = prio.rfind(level, 0, start)
+        indices = [k for start, end in units for k in range(start, end) if k not in verbatim]
+        ratio = conv._known_text / conv._known_bytes if conv._known_bytes >= 1000 else 0.25
+        size = sum(map(conv.sizes.__getitem__, indices))
+        if size * min(ratio, 0.25) * 0.8 > self.free:
+            return False  # clearly too big: not worth counting
+        total = sum(conv.costs(indices))
+        if total > self.free:
+            return False
+        self.verbatim.update(indices)  # whole units; no lines exist yet to give back
+        self.used += total
+        return True
 
     def add_critical_lines(self) -> None:
         """A line for every CRITICAL message not shown; when they cannot all fit, each is cut
@@ -878,7 +963,7 @@ class _Plan:
                     level < MEDIUM or conv.has_fact[start] or start >= conv.n - RECENT_WINDOW
                 ):
                     line_cost = self.lines[start][1] if start in self.lines else 0
-                    guess = sum(map(len, conv.encoded[start:end])) * ratio * 0.8
+                    guess = sum(conv.sizes[start:end]) * ratio * 0.8
                     if guess - line_cost > self.free + self.summary_base:
                         misses += 1  # clearly too big: not worth counting
                         i = conv.prio.rfind(level, 0, start)
@@ -899,16 +984,35 @@ class _Plan:
         conv = self.conv
         ratio = self._sample_tokens / self._sample_bytes if self._sample_bytes else 0.2
         misses, i = 0, conv.n - 1
+        counted_from = conv.n  # units at or after this index were counted ahead, in a batch
         while i >= 0 and misses < 8 and self.free > MESSAGE_OVERHEAD_TOKENS:
             start, end = conv.unit(i)
             if start not in self.verbatim and start not in self.lines and start not in conv.orphans:
-                guess = sum(map(len, conv.encoded[start:end])) * ratio * 0.8
+                guess = sum(conv.sizes[start:end]) * ratio * 0.8
+                if guess <= self.free and start < counted_from:
+                    counted_from = self._count_ahead(i)
                 if guess <= self.free and conv.unit_cost(start, end) <= self.free:
                     self._take(start, end)
                     misses = 0
                 else:
                     misses += 1
             i = start - 1
+
+    def _count_ahead(self, i: int) -> int:
+        """Count, in one batch, the units from ``i`` back that are expected to fit (bytes times
+        the tokens-per-byte ratio of the messages counted so far); returns the first index.
+        Only saves per-message calls: what is taken is still decided on exact counts."""
+        conv = self.conv
+        ratio = conv._known_text / conv._known_bytes if conv._known_bytes else 0.25
+        room, expected, indices, sizes = self.free, 0.0, [], conv.sizes
+        while i >= 0 and (expected <= room or not indices):
+            start, end = conv.unit(i)
+            if start not in self.verbatim and start not in self.lines and start not in conv.orphans:
+                expected += sum(sizes[start:end]) * ratio + MESSAGE_OVERHEAD_TOKENS
+                indices.extend(range(start, end))
+            i = start - 1
+        conv.costs(indices)
+        return i + 1
 
     def _last_line(self, start: int) -> bool:
         """Whether the unit at ``start`` holds the summary's only line (its header goes too)."""
@@ -1020,29 +1124,31 @@ def _turn_start(conv: _Conversation, end: int) -> int:
 def _tokens_before(conv: _Conversation, exact: bool) -> tuple[int, bool]:
     """Exact for small inputs; otherwise exact counts where known plus a sampled estimate.
 
-    The unknown part is estimated as its UTF-8 bytes times the tokens-per-byte ratio of up to
-    ``SAMPLE_SIZE`` well-spread messages counted exactly; names and per-message overhead are
-    exact. bench/context.py prints the estimate's error against a full count.
+    The unknown part is estimated as its UTF-8 bytes times the tokens-per-byte ratio of
+    well-spread messages counted exactly (``SAMPLE_MIN`` to ``SAMPLE_SIZE`` of them, stopping
+    once they hold ``SAMPLE_BYTES``); names and per-message overhead are exact.
+    bench/context.py prints the estimate's error against a full count.
     """
     n = conv.n
     if exact or conv.total_bytes <= EXACT_BEFORE_BYTES:
-        return sum(conv.cost(i) for i in range(n)), True
+        return sum(conv.costs(range(n))), True
     from collections import Counter
 
-    known = conv._costs
+    known, sizes, texts = conv._costs, conv.sizes, conv.texts
     sample: list[int] = []
+    sample_bytes = 0
     for k in range(1, 8 * SAMPLE_SIZE):  # golden-ratio steps: spread out, never in step with
         i = int((k * 0.6180339887498949) % 1.0 * n)  # a periodic pattern in the conversation
-        if i not in known and i not in sample:
+        if i not in known and i not in sample and sizes[i]:
             sample.append(i)
-            if len(sample) == SAMPLE_SIZE:
+            sample_bytes += sizes[i]
+            if len(sample) == SAMPLE_SIZE or (
+                sample_bytes >= SAMPLE_BYTES and len(sample) >= SAMPLE_MIN
+            ):
                 break
-    sample_bytes = sum(len(conv.texts[i].encode("utf-8", "surrogatepass")) for i in sample)
-    sample_tokens = sum(tokens.count(conv.texts[i]) for i in sample)
+    sample_tokens = sum(tokens.counts([texts[i] for i in sample]))
     ratio = sample_tokens / sample_bytes if sample_bytes else 0.25
-    known_bytes = sum(len(conv.texts[i].encode("utf-8", "surrogatepass")) for i in known)
-    known_names = sum(conv.name_cost(conv.messages[i].get("name")) for i in known)
-    known_text = sum(known.values()) - known_names - MESSAGE_OVERHEAD_TOKENS * len(known)
+    known_bytes, known_text = conv._known_bytes, conv._known_text
     names = Counter(map(dict.get, conv.messages, repeat("name")))
     name_tokens = sum(conv.name_cost(name) * times for name, times in names.items())
     estimate = known_text + round((conv.total_bytes - known_bytes) * ratio)
