@@ -224,3 +224,14 @@ def test_valor_tools_lists_the_server():
     assert "telegram-tools" in completed.stdout
     assert "search_conversation_history" in completed.stdout
     assert "get_conversation_context" in completed.stdout
+
+
+def test_bulk_ingest_is_indexed_and_restores_the_page_cache(store):
+    (cache_before,) = store.connection().execute("PRAGMA cache_size").fetchone()
+    batch = [Message(CHAT_A, i, f"bulk message {i} about topic{i % 7}") for i in range(1, 2501)]
+    assert history.record_messages(store, batch) == 2500
+    assert history.record_messages(store, batch) == 0  # redelivered: nothing new
+    (cache_after,) = store.connection().execute("PRAGMA cache_size").fetchone()
+    assert cache_after == cache_before
+    hits = history.search_history(store, "topic3", CHAT_A, 500)
+    assert len(hits) == len([m for m in batch if m.message_id % 7 == 3])

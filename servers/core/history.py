@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -56,7 +57,7 @@ def record_messages(store: Store, messages: Iterable[Message]) -> int:
     for row in rows:
         if row[4] not in ("in", "out"):
             raise ValueError(f"direction must be 'in' or 'out', not {row[4]!r}")
-    with store.transaction() as conn:
+    with store.transaction() as conn, _page_cache_for(conn, len(rows)):
         (last_id,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         cursor = conn.executemany(
             """
@@ -83,6 +84,25 @@ def record_messages(store: Store, messages: Iterable[Message]) -> int:
                 [(r[5], r[2], r[0], r[1], r[5], r[2]) for r in rows],
             )
     return inserted
+
+
+BULK_ROWS = 1_000
+BULK_CACHE_KIB = 65_536
+
+
+@contextmanager
+def _page_cache_for(conn: sqlite3.Connection, row_count: int) -> Iterator[None]:
+    """A bulk ingest (catch-up, imports) gets a 64 MiB page cache while it runs; the default
+    small cache stays for everything else, so long-lived processes do not grow by it."""
+    if row_count < BULK_ROWS:
+        yield
+        return
+    (previous,) = conn.execute("PRAGMA cache_size").fetchone()
+    conn.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA cache_size={int(previous)}")
 
 
 def to_fts_query(user_query: str) -> str:
