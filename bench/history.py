@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import random
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import percentile, spawn_to_tools_list  # noqa: E402
 from servers.core.history import Message, record_messages, search_history  # noqa: E402
 from servers.core.store import Store  # noqa: E402
 
@@ -77,11 +77,6 @@ def ingest(store: Store, messages: list[Message], batch: int = 20_000) -> float:
     return len(messages) / (time.perf_counter() - started)
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def search_latency(store: Store, words: list[str], chats: int, queries: int = 1000):
     rng = random.Random(11)
     common, rare = words[:200], words[200:5000]
@@ -104,29 +99,14 @@ def search_latency(store: Store, words: list[str], chats: int, queries: int = 10
     return timings
 
 
-async def time_to_tools_list(command: list[str], env: dict[str, str]) -> float:
-    from mcp import ClientSession
-    from mcp.client.stdio import StdioServerParameters, stdio_client
-
-    params = StdioServerParameters(command=command[0], args=command[1:], env=env, cwd=str(REPO))
-    started = time.perf_counter()
-    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
-        await session.initialize()
-        await session.list_tools()
-        elapsed = time.perf_counter() - started
-    return elapsed
-
-
 def cold_starts(starts: int, data_dir: str) -> tuple[list[float], list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         hello = Path(tmp) / "hello_server.py"
         hello.write_text(HELLO_SERVER)
-        env = {"VALOR_DATA_DIR": data_dir, "PATH": os.environ.get("PATH", "")}
-        python = str(REPO / ".venv" / "bin" / "python")
         bare, valor = [], []
         for _ in range(starts):  # alternate so machine noise hits both alike
-            bare.append(asyncio.run(time_to_tools_list([python, str(hello)], env)))
-            valor.append(asyncio.run(time_to_tools_list([python, "-m", "servers.telegram"], env)))
+            bare.append(asyncio.run(spawn_to_tools_list([str(hello)], data_dir)))
+            valor.append(asyncio.run(spawn_to_tools_list(["-m", "servers.telegram"], data_dir)))
         return bare, valor
 
 

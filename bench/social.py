@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import ms, spawn_to_tools_list  # noqa: E402
 from servers.core import http_guard, links  # noqa: E402
 from servers.core.store import Store  # noqa: E402
 from tests.social_fakes import FakePages, article  # noqa: E402
@@ -38,39 +39,12 @@ WORDS += ["rust", "release", "security", "audit", "design", "review", "migration
 WORDS += ["queue", "worker", "payments", "search", "index", "growth", "mobile", "onboarding"]
 
 
-def ms(values: list[float]) -> str:
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
-    return f"median {statistics.median(values) * 1000:8.2f} ms   p95 {p95 * 1000:8.2f} ms"
-
-
-async def spawn_to_list(module: str, data_dir: str) -> float:
-    from mcp import ClientSession
-    from mcp.client.stdio import StdioServerParameters, stdio_client
-
-    params = StdioServerParameters(
-        command=str(REPO / ".venv" / "bin" / "python"),
-        args=["-m", module],
-        env={"VALOR_DATA_DIR": data_dir, "PATH": os.environ.get("PATH", "")},
-        cwd=str(REPO),
-    )
-    started = time.perf_counter()
-    with open(os.devnull, "w") as quiet:  # the servers' start-up banner lines
-        async with (
-            stdio_client(params, errlog=quiet) as (read, write),
-            ClientSession(read, write) as session,
-        ):
-            await session.initialize()
-            await session.list_tools()
-            return time.perf_counter() - started
-
-
 async def bench_starts(starts: int, data_dir: str) -> None:
     modules = ["servers.telegram", "servers.social", "servers.notion"]
     times: dict[str, list[float]] = {m: [] for m in modules}
     for _ in range(starts):
         for module in modules:
-            times[module].append(await spawn_to_list(module, data_dir))
+            times[module].append(await spawn_to_tools_list(["-m", module], data_dir))
     base = statistics.median(times["servers.telegram"])
     print(f"stdio spawn-to-tools/list, {starts} starts each, alternated:")
     for module in modules:

@@ -153,6 +153,19 @@ def to_fts_query(user_query: str) -> str:
     return " ".join(parts)
 
 
+def fts_query(store: Store, sql: str, params: tuple | list) -> list[sqlite3.Row]:
+    """Run a full-text search; FTS5 syntax errors become an [input] error a person can act on."""
+    try:
+        return store.query(sql, tuple(params))
+    except sqlite3.OperationalError as exc:
+        if "fts5" in str(exc) or "syntax error" in str(exc):
+            raise input_error(
+                f'The search could not be parsed ({exc}). Use words, "exact phrases", '
+                "prefix* and AND / OR / NOT between terms, with balanced parentheses."
+            ) from None
+        raise
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
@@ -161,26 +174,19 @@ def search_history(
     store: Store, query: str, chat_id: int, max_results: int = 20
 ) -> list[dict[str, object]]:
     expression = f'chat_key:"c{int(chat_id)}" AND {{text}}:({to_fts_query(query)})'
-    try:
-        rows = store.query(
-            """
-            SELECT m.chat_id, m.message_id, m.sender, m.direction, m.sent_at,
-                   snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet,
-                   bm25(messages_fts) AS rank
-            FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid
-            WHERE messages_fts MATCH ? AND m.chat_id = ?
-            ORDER BY rank
-            LIMIT ?
-            """,
-            (expression, int(chat_id), int(max_results)),
-        )
-    except sqlite3.OperationalError as exc:
-        if "fts5" in str(exc) or "syntax error" in str(exc):
-            raise input_error(
-                f'The search could not be parsed ({exc}). Use words, "exact phrases", '
-                "prefix* and AND / OR / NOT between terms, with balanced parentheses."
-            ) from None
-        raise
+    rows = fts_query(
+        store,
+        """
+        SELECT m.chat_id, m.message_id, m.sender, m.direction, m.sent_at,
+               snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet,
+               bm25(messages_fts) AS rank
+        FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid
+        WHERE messages_fts MATCH ? AND m.chat_id = ?
+        ORDER BY rank
+        LIMIT ?
+        """,
+        (expression, int(chat_id), int(max_results)),
+    )
     return [
         {
             "chat_id": row["chat_id"],

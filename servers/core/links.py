@@ -10,14 +10,13 @@ chat updates its row (``UNIQUE (chat_key, url)``).
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from servers.core import http_guard
 from servers.core.errors import Category, ValorError, input_error
-from servers.core.history import iso, to_fts_query
+from servers.core.history import fts_query, iso, to_fts_query
 from servers.core.store import Store, now
 
 if TYPE_CHECKING:
@@ -258,25 +257,18 @@ def search_links(
         params = [f'chat_key:"{key}" AND {match}']
         where += " AND l.chat_key = ?"
         params.append(key)
-    try:
-        rows = store.query(
-            f"""
-            SELECT l.url, l.final_url, l.chat_id, l.title, l.summary, l.tags, l.saved_at,
-                   l.updated_at, snippet(links_fts, -1, '[', ']', '…', 16) AS snippet,
-                   bm25(links_fts, 4.0, 2.0, 3.0, 1.0, 0.0) AS rank
-            FROM links_fts JOIN links l ON l.id = links_fts.rowid
-            WHERE {where}
-            ORDER BY rank LIMIT ?
-            """,  # noqa: S608 - where is one of two fixed strings; values are parameters
-            (*params, int(max_results)),
-        )
-    except sqlite3.OperationalError as exc:
-        if "fts5" in str(exc) or "syntax error" in str(exc):
-            raise input_error(
-                f'The search could not be parsed ({exc}). Use words, "exact phrases", prefix* '
-                "and AND / OR / NOT with balanced parentheses."
-            ) from None
-        raise
+    rows = fts_query(
+        store,
+        f"""
+        SELECT l.url, l.final_url, l.chat_id, l.title, l.summary, l.tags, l.saved_at,
+               l.updated_at, snippet(links_fts, -1, '[', ']', '…', 16) AS snippet,
+               bm25(links_fts, 4.0, 2.0, 3.0, 1.0, 0.0) AS rank
+        FROM links_fts JOIN links l ON l.id = links_fts.rowid
+        WHERE {where}
+        ORDER BY rank LIMIT ?
+        """,  # noqa: S608 - where is one of two fixed strings; values are parameters
+        (*params, int(max_results)),
+    )
     return [
         {
             "url": row["url"],
