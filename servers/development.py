@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from servers.core import bug_reports, screenshots
 from servers.core.app import create_server
 from servers.core.settings import get_settings
-from servers.core.trust import resolve_chat_id
+from servers.core.trust import ChatIdArg, resolve_chat_id
 
 mcp = create_server(
     "development-tools",
@@ -28,13 +28,6 @@ TaskIdArg = Annotated[
         max_length=200,
         description="Task id: 1-128 letters, digits, '-' or '_' (a Notion page id works); "
         "screenshots live in SCREENSHOTS_DIR/<task_id>/.",
-    ),
-]
-ChatIdArg = Annotated[
-    int | str | None,
-    Field(
-        description="Telegram chat id. Leave empty in a chat session (the bridge fixes the "
-        "chat); in interactive use it is optional."
     ),
 ]
 

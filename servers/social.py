@@ -12,7 +12,7 @@ from servers.core.app import create_server
 from servers.core.errors import Category, ValorError
 from servers.core.settings import get_settings
 from servers.core.store import get_store
-from servers.core.trust import current_scope, resolve_chat_id
+from servers.core.trust import ChatIdArg, current_scope, resolve_chat_id
 
 mcp = create_server(
     "social-tools",
@@ -21,14 +21,6 @@ mcp = create_server(
         "and a searchable store of links people save."
     ),
 )
-
-ChatIdArg = Annotated[
-    int | str | None,
-    Field(
-        description="Telegram chat id. Leave empty in a chat session (the bridge fixes the "
-        "chat); in interactive use it is optional."
-    ),
-]
 
 
 class Citation(BaseModel):

@@ -7,20 +7,12 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from servers.core.app import create_server
-from servers.core.trust import resolve_chat_id
+from servers.core.trust import RequiredChatIdArg, resolve_chat_id
 
 mcp = create_server(
     "telegram-tools",
     instructions="Search and read the Telegram conversation history of the chat Valor serves.",
 )
-
-ChatIdArg = Annotated[
-    int | str | None,
-    Field(
-        description="Telegram chat id. Leave empty in a chat session (the chat is fixed by the "
-        "bridge); required in interactive use."
-    ),
-]
 
 
 class HistoryHit(BaseModel):
@@ -57,7 +49,7 @@ def search_conversation_history(
             max_length=500,
         ),
     ],
-    chat_id: ChatIdArg = None,
+    chat_id: RequiredChatIdArg = None,
     max_results: Annotated[int, Field(ge=1, le=200, description="How many hits at most")] = 10,
 ) -> HistorySearch:
     """Full-text search of the chat's message history, best matches first, with snippets."""
@@ -76,7 +68,7 @@ def get_conversation_context(
     hours_back: Annotated[
         float, Field(gt=0, le=24 * 365, description="How far back to read, in hours")
     ] = 24,
-    chat_id: ChatIdArg = None,
+    chat_id: RequiredChatIdArg = None,
     max_messages: Annotated[int, Field(ge=1, le=500, description="Newest N messages")] = 50,
 ) -> ConversationContext:
     """Recent messages of the chat in order, formatted for a model and bounded in size."""

@@ -15,8 +15,27 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import Field
 
 from servers.core.errors import Category, ValorError, input_error
+
+# The chat_id parameter of chat-scoped tools, described once for every server.
+ChatIdArg = Annotated[
+    int | str | None,
+    Field(
+        description="Telegram chat id. Leave empty in a chat session (the bridge fixes the "
+        "chat); in interactive use it is optional."
+    ),
+]
+RequiredChatIdArg = Annotated[
+    int | str | None,
+    Field(
+        description="Telegram chat id. Leave empty in a chat session (the bridge fixes the "
+        "chat); required in interactive use."
+    ),
+]
 
 TOKEN_VERSION = "v1"  # noqa: S105 - a format tag, not a secret
 _http_secret: bytes | None = None
