@@ -177,7 +177,7 @@ def main() -> None:
 
     baseline = statistics.median(times["python -c pass"])
     print(f"hook commands, {args.runs} interleaved runs each (sh -c, from the repo root)")
-    print(f"{'command':42} {'median ms':>10} {'p90 ms':>8} {'x python':>9} {'target':>12}")
+    print(f"{'command':54} {'median ms':>10} {'p90 ms':>8} {'x python':>9} {'target':>12}")
     for name, samples in times.items():
         median = statistics.median(samples)
         p90 = statistics.quantiles(samples, n=10)[-1]
@@ -186,7 +186,7 @@ def main() -> None:
         verdict = (
             "" if target is None else f"<= {target} " + ("ok" if median <= target else "MISSED")
         )
-        print(f"{name:42} {median:10.1f} {p90:8.1f} {median / base:9.2f} {verdict:>12}")
+        print(f"{name:54} {median:10.1f} {p90:8.1f} {median / base:9.2f} {verdict:>12}")
 
 
 if __name__ == "__main__":
