@@ -3,6 +3,7 @@
 Part 1 — latency, the real Claude Code CLI against the fake Anthropic API (tests/fakes), measured
 round-robin in one run so the three see the same machine:
   (a) bare `claude -p` with no MCP servers (a subprocess, prompt on stdin);
+  (a1) the same `claude -p` given ONE hosted server (Claude Code's fixed cost of using MCP);
   (a2) the same `claude -p` given the bridge's hosted config, without the bridge (splits (b)'s
        cost into Claude Code's MCP start-up and the bridge's own work);
   (b) a bridge round trip (message in → reply in the in-memory transport) with every Valor
@@ -167,7 +168,7 @@ async def latency(rounds: int, work: Path) -> None:
         env["VALOR_DATA_DIR"] = os.environ["VALOR_DATA_DIR"]
         hosted_transport, stdio_transport = MemoryTransport(), MemoryTransport()
         hosted_bridge = Bridge(hosted_transport, claude_env=env, authorize_all=True)
-        times: dict[str, list[float]] = {"a": [], "a2": [], "b": [], "c": []}
+        times: dict[str, list[float]] = {"a": [], "a1": [], "a2": [], "b": [], "c": []}
         async with hosted_bridge.serving():
             from servers.core.settings import get_settings
 
@@ -187,23 +188,32 @@ async def latency(rounds: int, work: Path) -> None:
             from servers.hosting import endpoint
 
             base = hosted_bridge._tools_base_url
+            token = mint_scope_token(hosted_bridge._secret, 3)
             config = http_mcp_config(
-                {name: endpoint(base, name) for name in hosted_bridge._tool_servers},
-                mint_scope_token(hosted_bridge._secret, 3),
+                {name: endpoint(base, name) for name in hosted_bridge._tool_servers}, token
             )
-            with runtime_mcp_config(config, work / "run") as hosted_config:
+            one_server = http_mcp_config(
+                {"telegram-tools": endpoint(base, "telegram-tools")}, token
+            )
+            with (
+                runtime_mcp_config(config, work / "run") as hosted_config,
+                runtime_mcp_config(one_server, work / "run") as one_server_config,
+            ):
                 async with stdio_bridge.serving():
                     await bare_claude(env, REPO)  # warm the file cache once, not measured
                     for n in range(1, rounds + 1):
                         times["a"].append(await bare_claude(env, REPO))
+                        times["a1"].append(await bare_claude(env, REPO, one_server_config))
                         times["a2"].append(await bare_claude(env, REPO, hosted_config))
                         times["b"].append(await round_trip(hosted_bridge, hosted_transport, 1, n))
                         times["c"].append(await round_trip(stdio_bridge, stdio_transport, 2, n))
                         await asyncio.sleep(1.0)  # let (c)'s eight servers exit before (a)
+        servers = len(hosted_bridge._tool_servers)
     med = {key: statistics.median(values) for key, values in times.items()}
     print(f"latency (real Claude Code {CLAUDE.name} + fake Anthropic API), {rounds} rounds:")
     labels = {
         "a": "(a) bare claude -p, no MCP servers",
+        "a1": "(a1) bare claude -p + one hosted server",
         "a2": "(a2) bare claude -p + the hosted config",
         "b": "(b) bridge round trip, tools hosted over HTTP",
         "c": "(c) bridge round trip, stdio .mcp.json",
@@ -216,6 +226,11 @@ async def latency(rounds: int, work: Path) -> None:
     print(
         f"  (b)/(a) = {ratio:.3f}  ({verdict} the <= 1.15 target);  (c)/(a) = "
         f"{med['c'] / med['a']:.2f}"
+    )
+    print(
+        "  Claude Code's fixed cost of MCP, one hosted server: (a1)/(a) = "
+        f"{med['a1'] / med['a']:.3f}; each further server: "
+        f"{(med['a2'] - med['a1']) / max(1, servers - 1) * 1000:.0f} ms ({servers} servers)"
     )
     print(
         "  split: Claude Code connecting to the hosted servers (a2)/(a) = "
