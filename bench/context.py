@@ -241,7 +241,7 @@ def main() -> None:
     started = time.perf_counter()
     tokens.count("warm up")
     loaded = time.perf_counter() - started
-    print(f"tokenizer: {tokens.TOKENIZER_DESCRIPTION}; loaded in {loaded:.3f} s")
+    print(f"tokenizer: {tokens.backend()}; loaded in {loaded:.3f} s")
     verdicts = []
     for n in sizes:
         messages, keys = conversation(n, args.seed, args.fact_every)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -309,6 +310,48 @@ def test_roomy_budgets_show_everything_that_matters_verbatim():
     assert all(key in all_text(result.messages) for key in critical_keys)
 
 
+def test_tighter_budgets_show_critical_and_high_verbatim_when_they_fit(monkeypatch):
+    messages, critical_keys = mixed_conversation(6, size=400)
+    full = recount(messages)
+    taken = []
+    shortcut = context_opt._Plan.take_critical_and_high
+
+    def spy(plan):
+        taken.append(shortcut(plan))
+        return taken[-1]
+
+    monkeypatch.setattr(context_opt._Plan, "take_critical_and_high", spy)
+    conv = context_opt._Conversation(messages)
+    used = 0
+    for divisor in (2, 3, 4, 5, 6, 8, 10, 12):
+        budget = full // divisor
+        taken.clear()
+        result = optimize_context(messages, budget)
+        assert recount(result.messages) == result.tokens_after <= budget
+        assert_valid_order(messages, result.messages)
+        if not any(taken):
+            continue
+        used += 1
+        kept = {id(m) for m in result.messages}
+        for i in range(len(messages)):
+            if conv.prio[i] <= context_opt.HIGH and i not in conv.orphans:
+                assert id(messages[i]) in kept, (divisor, i)
+        summary = all_text([m for m in result.messages if m.get("name") == SUMMARY_NAME])
+        for i in range(len(messages)):  # every MEDIUM fact: verbatim or in a line
+            if conv.prio[i] == context_opt.MEDIUM and conv.has_fact[i]:
+                assert id(messages[i]) in kept or f"#{i} " in summary, (divisor, i)
+        # the usual path (critical lines first, upgraded later) keeps no fact this one loses
+        monkeypatch.setattr(context_opt._Plan, "take_critical_and_high", lambda plan: False)
+        usual = optimize_context(messages, budget)
+        monkeypatch.setattr(context_opt._Plan, "take_critical_and_high", spy)
+        assert recount(usual.messages) <= budget
+        text, usual_text = all_text(result.messages), all_text(usual.messages)
+        assert [k for k in critical_keys if k in usual_text] == [
+            k for k in critical_keys if k in text
+        ]
+    assert used >= 1
+
+
 def test_batched_counts_and_the_joined_text_match_per_message_work():
     samples = ["", "hello world", "Привет 🚀 今天", "lone \ud800 surrogate", "x" * 3000, "a\x00b"]
     assert tokens.counts(samples) == [tokens.count(t) for t in samples]
@@ -325,6 +368,119 @@ def test_batched_counts_and_the_joined_text_match_per_message_work():
     ]
     conv = context_opt._Conversation(tail)
     assert conv.prio[0] == context_opt.HIGH and conv.prio[1] == context_opt.MEDIUM
+
+
+def tokenizer_corpus() -> list[str]:
+    """English, other scripts, emoji sequences, code, digits, whitespace runs, and fuzz."""
+    fixed = [
+        "Please summarize where we are.",
+        "Привет! Мы решили перенести биллинг на PostgreSQL 16, запомни.",
+        "今天天气很好，我们在东京见面。東京は晴れ。한국어 텍스트도 있습니다.",
+        "مرحبا بالعالم، هذا اختبار.",
+        "😀👍🏽👨‍👩‍👧‍👦 family, flags 🇺🇦🇯🇵, keycap 1️⃣",
+        "def f(x):\n    return x**2  # ok\n\n\n   \t \r\n",
+        "don't I'LL we've THEY'RE",
+        "1234567890" * 40,
+        "<|endoftext|> and <|fim_prefix|> stay plain text",
+        "e\u0301 combining, ＡＢＣ fullwidth, \ufb01 ligature, \u00a0nbsp, \u3000 ideographic",
+        " " * 200 + "x" + "\n" * 50,
+        "🙂" * 300,
+    ]
+    rng = random.Random(11)
+    pieces = [
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r\n",
+        "'s",
+        "'LL",
+        "123",
+        "4567",
+        "abc",
+        "ABC",
+        "мир",
+        "東京",
+        "🙂",
+        "👍🏽",
+        "é",
+        "?!",
+        "...",
+        "—",
+        "/srv/x.yaml",
+        "@bob",
+        "`x`",
+        "\u00a0",
+    ]
+    fuzz = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(3000)]
+    scripts = [(32, 126), (0x400, 0x4FF), (0x600, 0x6FF), (0x4E00, 0x9FFF), (0x1F300, 0x1F6FF)]
+    for _ in range(500):
+        fuzz.append(
+            "".join(
+                chr(rng.randint(*rng.choice(scripts))) if rng.random() < 0.9 else " "
+                for _ in range(rng.randint(1, 80))
+            )
+        )
+    return fixed + fuzz
+
+
+def test_bpe_openai_counts_match_tiktoken_exactly():
+    counter = tokens._bpe_openai_counter()
+    if counter is None:
+        pytest.skip("bpe-openai is not installed: tiktoken counts")
+    corpus = tokenizer_corpus()
+    assert [counter(text) for text in corpus] == [
+        len(ENCODING.encode_ordinary(text)) for text in corpus
+    ]
+    assert "bpe-openai" in tokens.backend()
+    assert tokens.counts(corpus[:50]) == [len(ENCODING.encode_ordinary(t)) for t in corpus[:50]]
+
+
+def test_tiktoken_is_the_fallback_with_the_same_counts():
+    code = (
+        "import json, sys\n"
+        "from servers.core import tokens\n"
+        "texts = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([tokens.backend(), tokens.counts(texts)]))"
+    )
+    texts = tokenizer_corpus()[:200]
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "VALOR_TOKENIZER": "tiktoken"},
+    )
+    backend, counted = json.loads(completed.stdout)
+    assert backend.startswith("tiktoken")
+    assert counted == [len(ENCODING.encode_ordinary(text)) for text in texts]
+
+
+def test_the_scan_in_blocks_finds_what_one_block_finds(monkeypatch):
+    rng = random.Random(5)
+    messages = []
+    for k in range(400):
+        text = chatter(rng, rng.randint(1, 8))
+        if k % 7 == 0:
+            text += f" Remember: Priya moved /srv/app_{k}.yaml, ticket {k * 13}. Привет 🚀?"
+        if k % 11 == 0:
+            text = "fix the build " + text
+        messages.append({"role": ("user", "assistant")[k % 2], "content": text, "name": "al"})
+    whole = context_opt._Conversation(messages)
+    assert len(whole._raws) == 1
+    budget = recount(messages) // 10
+    expected = optimize_context(messages, budget).messages
+    monkeypatch.setattr(context_opt, "_SCAN_BLOCK_BYTES", 700)
+    blocked = context_opt._Conversation(messages)
+    assert len(blocked._raws) > 20
+    assert blocked.raw == whole.raw
+    assert blocked.prio == whole.prio and blocked.has_fact == whole.has_fact
+    assert blocked.marks == whole.marks
+    assert optimize_context(messages, budget).messages == expected
+    lines = [context_opt._summary_line(blocked, i) for i in range(0, 400, 7)]
+    assert lines == [context_opt._summary_line(whole, i) for i in range(0, 400, 7)]
 
 
 def test_priorities_follow_the_documented_rules():
@@ -402,7 +558,7 @@ def test_context_opt_imports_nothing_heavy():
     code = (
         "import sys, servers.core.context_opt\n"
         "heavy = {'fastmcp', 'pydantic_settings', 'pydantic', 'tiktoken', 'ahocorasick_rs', "
-        "'openai'}\n"
+        "'openai', 'bpe_openai', 'bpe_openai._bindings'}\n"
         "print(sorted(heavy & set(sys.modules)))"
     )
     completed = subprocess.run(

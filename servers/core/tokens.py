@@ -77,6 +77,9 @@ def _bpe_openai_counter() -> Any | None:
                         continue
                     module = importlib.util.module_from_spec(found)
                     loader.exec_module(module)
+                    # registered, so a later ``import bpe_openai`` reuses it (a PyO3 module
+                    # cannot be initialized twice in one interpreter)
+                    sys.modules["bpe_openai._bindings"] = module
                     break
             if module is not None:
                 break
