@@ -18,7 +18,12 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from servers.core.health import LONG_RUNNING_KINDS
-from servers.core.processes import RegisteredProcess, mark_process_ended, running_registrations
+from servers.core.processes import (
+    RegisteredProcess,
+    mark_process_ended,
+    running_registrations,
+    same_start,
+)
 from servers.core.store import Store
 
 TEMP_MARKER = ".valor-temp"  # a temp directory outside the data dir must carry this file
@@ -111,7 +116,7 @@ def end_process_tree(
 
     try:
         root = psutil.Process(registration.pid)
-        if abs(root.create_time() - registration.create_time) >= 0.01:
+        if not same_start(registration.create_time, root.create_time()):
             return None
         tree = [root, *root.children(recursive=True)]
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -153,7 +158,7 @@ def clean_processes(
         reason = "the registered process has exited"
         try:
             actual = psutil.Process(registration.pid).create_time()
-            alive = abs(actual - registration.create_time) < 0.01
+            alive = same_start(registration.create_time, actual)
             if not alive:
                 reason = "its pid now belongs to another program (create time differs): left alone"
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -224,7 +229,7 @@ def close_gone_sessions(store: Store, dry_run: bool, now: float) -> int:
         "WHERE ended_at IS NULL AND pid IS NOT NULL AND create_time IS NOT NULL"
     ):
         try:
-            alive = abs(psutil.Process(row["pid"]).create_time() - row["create_time"]) < 0.01
+            alive = same_start(row["create_time"], psutil.Process(row["pid"]).create_time())
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             alive = False
         if not alive:

@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from servers.core.processes import RegisteredProcess, running_registrations
+from servers.core.processes import RegisteredProcess, running_registrations, same_start
 from servers.core.store import Store
 
 # Kinds that are meant to run for days: age alone never makes them stale.
@@ -300,7 +300,7 @@ def session_stats(store: Store) -> SessionStats:
         if row["pid"] is None or row["create_time"] is None:
             continue
         try:
-            alive = abs(psutil.Process(row["pid"]).create_time() - row["create_time"]) < 0.01
+            alive = same_start(row["create_time"], psutil.Process(row["pid"]).create_time())
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             alive = False
         if alive:
@@ -385,7 +385,7 @@ def collect_health(
         process = None
         try:
             candidate = psutil.Process(registration.pid)
-            if abs(candidate.create_time() - registration.create_time) < 0.01:
+            if same_start(registration.create_time, candidate.create_time()):
                 process = candidate
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass

@@ -76,6 +76,21 @@ def running_registrations(store: Store) -> list[RegisteredProcess]:
     return [RegisteredProcess(*tuple(row)) for row in rows]
 
 
+START_TICK = 0.01  # /proc reports a process's start in clock ticks of 1/100 s
+
+
+def same_start(registered: float, actual: float) -> bool:
+    """Whether two wall-clock create times name the same process start.
+
+    psutil adds the kernel's boot time to the start tick, and the kernel recomputes that boot time
+    (whole seconds) from the current clock on every read: after NTP nudges the clock it can step
+    by one second. The tick within the second never changes, so a difference of exactly one
+    second is the same start; anything else (a reused pid) is not.
+    """
+    difference = abs(registered - actual)
+    return difference < START_TICK or abs(difference - 1.0) < START_TICK
+
+
 def is_same_process(registration: RegisteredProcess) -> bool:
     """True only if the pid is alive and is the very process that was registered."""
     import psutil
@@ -84,4 +99,4 @@ def is_same_process(registration: RegisteredProcess) -> bool:
         actual = psutil.Process(registration.pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return abs(actual - registration.create_time) < 0.01
+    return same_start(registration.create_time, actual)
