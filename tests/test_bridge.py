@@ -293,7 +293,7 @@ def test_bridge_killed_mid_run_answers_once_after_restart(store, fake_bin, tmp_p
     second_out, second_err = second.communicate("", timeout=60)  # no new input: recover, exit
     assert second.returncode == 0, second_err
     assert second_out.count("Echo: slow question sleep:60") == 1
-    assert f"ending Claude Code run {orphan['pid']}" in second_err
+    assert f"ending Claude Code run {orphan['pid']}" in second_err, second_err[-4000:]
     assert not alive(orphan["pid"])  # the orphaned run was ended, not left running
     (row,) = inbox_rows(store)
     assert row["status"] == "done" and row["attempts"] == 2
