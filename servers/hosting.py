@@ -84,24 +84,28 @@ def build_app(secret: bytes | None = None, names: list[str] | None = None) -> An
 async def hosted(
     secret: bytes | None = None, host: str = "127.0.0.1", port: int = 0
 ) -> AsyncIterator[str]:
-    """Serve every server on loopback inside the running event loop; yields the base URL."""
-    import asyncio
+    """Serve every server on loopback inside the running event loop; yields the base URL.
 
+    uvicorn's own serve() loop wakes ten times a second to refresh the Date header and poll for
+    shutdown; here the block's end is the shutdown signal, so only startup() and shutdown() are
+    used and an idle host does not wake at all (the daemon's idle CPU is measured).
+    """
     import uvicorn
 
     config = uvicorn.Config(
-        build_app(secret), host=host, port=port, log_level="warning", lifespan="on"
+        build_app(secret),
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        date_header=False,
     )
+    config.load()
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()  # raises SystemExit when it cannot bind or start
     try:
-        while not server.started:
-            if task.done():
-                task.result()  # start-up failed: raise its error here
-                raise RuntimeError("the MCP host stopped during start-up")
-            await asyncio.sleep(0.01)
         bound_port = server.servers[0].sockets[0].getsockname()[1]
         yield f"http://{host}:{bound_port}"
     finally:
-        server.should_exit = True
-        await task
+        await server.shutdown()
