@@ -42,3 +42,30 @@ async def spawn_to_tools_list(args: list[str], data_dir: str) -> float:
             await session.initialize()
             await session.list_tools()
             return time.perf_counter() - started
+
+
+async def compare_starts(modules: list[str], starts: int, data_dir: str) -> None:
+    """Print each module's stdio start, alternated, as a ratio of the first module's."""
+    times: dict[str, list[float]] = {m: [] for m in modules}
+    for _ in range(starts):
+        for module in modules:
+            times[module].append(await spawn_to_tools_list(["-m", module], data_dir))
+    base = statistics.median(times[modules[0]])
+    print(f"stdio spawn-to-tools/list, {starts} starts each, alternated:")
+    for module in modules:
+        ratio = statistics.median(times[module]) / base
+        print(f"  {module:20s} {ms(times[module])}   x{ratio:.2f} of {modules[0]}")
+
+
+def heavy_modules_loaded(modules: list[str], heavy: tuple[str, ...]) -> str:
+    """Which of ``heavy`` a fresh interpreter has loaded after importing ``modules``."""
+    import subprocess
+    import sys
+
+    probe = (
+        f"import sys, {', '.join(modules)}; "
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules) or 'none')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()

@@ -19,7 +19,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,30 +29,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import ms, spawn_to_tools_list  # noqa: E402
+from bench.common import compare_starts, heavy_modules_loaded, ms  # noqa: E402
 from servers.core import screenshots  # noqa: E402
 
 HEAVY = ("openai", "playwright", "psutil", "anthropic", "notion_client", "httpx", "tiktoken")
 
 
 async def bench_starts(starts: int, data_dir: str) -> None:
-    modules = ["servers.telegram", "servers.development"]
-    times: dict[str, list[float]] = {m: [] for m in modules}
-    for _ in range(starts):
-        for module in modules:
-            times[module].append(await spawn_to_tools_list(["-m", module], data_dir))
-    base = statistics.median(times["servers.telegram"])
-    print(f"stdio spawn-to-tools/list, {starts} starts each, alternated:")
-    for module in modules:
-        ratio = statistics.median(times[module]) / base
-        print(f"  {module:20s} {ms(times[module])}   x{ratio:.2f} of telegram-tools")
-    probe = (
-        "import sys, servers.development; "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules) or 'none')"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    await compare_starts(["servers.telegram", "servers.development"], starts, data_dir)
+    loaded = heavy_modules_loaded(["servers.development"], HEAVY)
     print(f"  heavy modules loaded by importing servers.development: {loaded}")
 
 

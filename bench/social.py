@@ -19,7 +19,6 @@ import asyncio
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import ms, spawn_to_tools_list  # noqa: E402
+from bench.common import compare_starts, heavy_modules_loaded, ms  # noqa: E402
 from servers.core import http_guard, links  # noqa: E402
 from servers.core.store import Store  # noqa: E402
 from tests.social_fakes import FakePages, article  # noqa: E402
@@ -40,23 +39,8 @@ WORDS += ["queue", "worker", "payments", "search", "index", "growth", "mobile", 
 
 
 async def bench_starts(starts: int, data_dir: str) -> None:
-    modules = ["servers.telegram", "servers.social", "servers.notion"]
-    times: dict[str, list[float]] = {m: [] for m in modules}
-    for _ in range(starts):
-        for module in modules:
-            times[module].append(await spawn_to_tools_list(["-m", module], data_dir))
-    base = statistics.median(times["servers.telegram"])
-    print(f"stdio spawn-to-tools/list, {starts} starts each, alternated:")
-    for module in modules:
-        ratio = statistics.median(times[module]) / base
-        print(f"  {module:18s} {ms(times[module])}   x{ratio:.2f} of telegram-tools")
-    probe = (
-        "import sys, servers.social, servers.notion; "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules) or 'none')"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    await compare_starts(["servers.telegram", "servers.social", "servers.notion"], starts, data_dir)
+    loaded = heavy_modules_loaded(["servers.social", "servers.notion"], HEAVY)
     print(f"  heavy SDKs loaded by importing both servers: {loaded}")
 
 
