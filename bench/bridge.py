@@ -183,18 +183,14 @@ async def latency(rounds: int, work: Path) -> None:
                 stdio_mcp_config=REPO / ".mcp.json",
             )
             # (a2): the hosted config the bridge writes, used by claude -p directly.
-            from servers.core.mcp_config import http_mcp_config, runtime_mcp_config
-            from servers.core.trust import mint_scope_token
-            from servers.hosting import endpoint
+            from servers.core.mcp_config import runtime_mcp_config
 
-            base = hosted_bridge._tools_base_url
-            token = mint_scope_token(hosted_bridge._secret, 3)
-            config = http_mcp_config(
-                {name: endpoint(base, name) for name in hosted_bridge._tool_servers}, token
-            )
-            one_server = http_mcp_config(
-                {"telegram-tools": endpoint(base, "telegram-tools")}, token
-            )
+            tools = hosted_bridge.tools
+            assert tools is not None
+            config = tools.config(3, ttl_seconds=6 * 3600)
+            one_server = tools.without(
+                [name for name in tools.servers if name != "telegram-tools"]
+            ).config(3, ttl_seconds=6 * 3600)
             with (
                 runtime_mcp_config(config, work / "run") as hosted_config,
                 runtime_mcp_config(one_server, work / "run") as one_server_config,
@@ -208,7 +204,7 @@ async def latency(rounds: int, work: Path) -> None:
                         times["b"].append(await round_trip(hosted_bridge, hosted_transport, 1, n))
                         times["c"].append(await round_trip(stdio_bridge, stdio_transport, 2, n))
                         await asyncio.sleep(1.0)  # let (c)'s eight servers exit before (a)
-        servers = len(hosted_bridge._tool_servers)
+        servers = len(tools.servers)
     med = {key: statistics.median(values) for key, values in times.items()}
     print(f"latency (real Claude Code {CLAUDE.name} + fake Anthropic API), {rounds} rounds:")
     labels = {

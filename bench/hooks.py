@@ -77,12 +77,8 @@ def seed(data_dir: Path) -> None:
             [(now - i,) for i in range(5000)],
         )
     # What a launcher would write with VALOR_CONTEXT_BLOCK_FILE: the same block, built once.
-    from servers.hooks import fallback_context_block
+    from servers.core.context_opt import build_context_block
 
-    try:
-        from servers.core.context_opt import build_context_block
-    except ImportError:
-        build_context_block = fallback_context_block
     rows = [
         {"sender": m.sender, "direction": m.direction, "text": m.text, "sent_at": m.sent_at}
         for m in long_chat

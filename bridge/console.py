@@ -12,7 +12,7 @@ import asyncio
 import getpass
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -106,6 +106,14 @@ class ConsoleReply:
         self.transport = transport
         self._printed = ""  # the answer text printed so far
         self._line_open = False
+        self._attached: list[Path] = []
+
+    @property
+    def message_id(self) -> int | None:
+        return None  # printed lines have no ids to reply to
+
+    def attach_files(self, paths: Sequence[Path]) -> None:
+        self._attached.extend(paths)
 
     def _print_new(self, text: str) -> None:
         if text.startswith(self._printed):
@@ -135,7 +143,7 @@ class ConsoleReply:
     async def finish(self, final_text: str, files: list[Path] | None = None) -> None:
         self._print_new(final_text)
         self.transport.write("\n")
-        for path in files or []:
+        for path in [*self._attached, *(files or [])]:
             self.transport.write(f"{VALOR_MARK}[file] {path}\n")
 
     async def fail(self, message: str) -> None:

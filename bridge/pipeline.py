@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import inbox
 from bridge.reply import editing_reply
@@ -41,16 +41,13 @@ from servers.core.claude_runner import (
     TextEvent,
     ToolResultEvent,
     ToolUseEvent,
-    end_process_tree,
 )
 from servers.core.errors import Category, ValorError, mask_unexpected, redact
-from servers.core.mcp_config import (
-    allowed_tool_patterns,
-    http_mcp_config,
-    private_run_file,
-    runtime_mcp_config,
-)
+from servers.core.mcp_config import HostedTools, private_run_file, use_servers
 from servers.core.store import Store
+
+if TYPE_CHECKING:
+    from servers.core.settings import Settings
 
 log = logging.getLogger("valor.bridge")
 
@@ -107,7 +104,7 @@ class Bridge:
         transport: Transport,
         *,
         store: Store | None = None,
-        settings: Any = None,
+        settings: Settings | None = None,
         runner: ClaudeRunner | None = None,
         reply_factory: ReplyFactory = editing_reply,
         host_tools: bool = True,
@@ -142,8 +139,7 @@ class Bridge:
             raise ValueError("tools_base_url needs the tools_secret its tokens are checked with")
         self._external_tools = tools_base_url
         self._secret = tools_secret or secrets.token_bytes(32)
-        self._tools_base_url: str | None = None
-        self._tool_servers: list[str] = []
+        self.tools: HostedTools | None = None  # while serving with hosted tools
         self._lock_file: Any = None
         self._outbox_task: asyncio.Task[None] | None = None
         self._prepend_context = not workdir_has_context_hook(self.settings.workdir)
@@ -206,10 +202,11 @@ class Bridge:
 
     @asynccontextmanager
     async def _hosted_tools(self) -> AsyncIterator[None]:
+        """The daemon's hosted tools when given, else our own host (none with host_tools off)."""
         from servers import SERVERS
 
         if self._external_tools is not None:
-            self._tools_base_url, self._tool_servers = self._external_tools, list(SERVERS)
+            self.tools = HostedTools(self._external_tools, self._secret, tuple(SERVERS))
             yield
             return
         if not self.host_tools:
@@ -218,12 +215,11 @@ class Bridge:
         from servers.hosting import hosted
 
         async with hosted(self._secret, host=self.settings.http_host, port=0) as base_url:
-            self._tools_base_url = base_url
-            self._tool_servers = list(SERVERS)
+            self.tools = HostedTools(base_url, self._secret, tuple(SERVERS))
             try:
                 yield
             finally:
-                self._tools_base_url = None
+                self.tools = None
 
     async def stop(self) -> None:
         """Stop workers; replies cut short stay open in the inbox and run again next start."""
@@ -246,7 +242,7 @@ class Bridge:
 
     async def recover(self) -> int:
         """End Claude Code runs a crashed bridge left behind; queue its unfinished messages."""
-        from servers.core.processes import is_same_process, mark_process_ended
+        from servers.core.processes import end_process_tree, is_same_process, mark_process_ended
         from servers.core.processes import running_registrations as registrations
 
         for registration in registrations(self.store):
@@ -254,7 +250,7 @@ class Bridge:
                 continue
             if is_same_process(registration):
                 log.warning("ending Claude Code run %s left by a stopped bridge", registration.pid)
-                await end_process_tree(registration.pid)
+                await end_process_tree(registration.pid, create_time=registration.create_time)
             mark_process_ended(self.store, registration.pid, registration.create_time)
         rows = inbox.unfinished(self.store)
         for row in rows:
@@ -444,8 +440,7 @@ class Bridge:
             user_id=row.sender_id,
             user_name=row.sender_name,
             launched_by="bridge",
-            allowed_tools=[
-                *allowed_tool_patterns(self._tool_servers),
+            allowed_tools=[  # each run's MCP servers are allowed ahead of these (_run_with_tools)
                 # Attached photos and documents live in the media directory, outside the workdir.
                 f"Read(/{Path(self.settings.media_path).resolve()}/**)",
                 *self.settings.claude_extra_allowed_tools,
@@ -461,43 +456,44 @@ class Bridge:
     async def _run_with_tools(
         self, request: ClaudeRun, row: inbox.InboxRow, on_event: Any, cancel: asyncio.Event
     ) -> RunOutcome:
-        if self._tools_base_url is None:
+        """Run with the hosted tools (a token for the chat), else the stdio config, else none."""
+        if self.tools is None:
             if self.stdio_mcp_config is not None:
-                request.mcp_config = self.stdio_mcp_config
-                request.expected_servers = _server_names(self.stdio_mcp_config)
-                request.allowed_tools = [
-                    *allowed_tool_patterns(request.expected_servers),
-                    *request.allowed_tools,
-                ]
+                use_servers(request, self.stdio_mcp_config, _server_names(self.stdio_mcp_config))
             return await self.runner.run(request, on_event, cancel)
-        from servers.core.trust import mint_scope_token
-        from servers.hosting import endpoint
-
-        token = mint_scope_token(
-            self._secret, row.chat_id, ttl_seconds=self.settings.claude_timeout_seconds + 300
-        )
-        endpoints = {name: endpoint(self._tools_base_url, name) for name in self._tool_servers}
-        with runtime_mcp_config(
-            http_mcp_config(endpoints, token), self.settings.data_dir / "run"
-        ) as path:
-            request.mcp_config = path
-            request.expected_servers = list(self._tool_servers)
+        with self.tools.for_run(
+            request,
+            row.chat_id,
+            ttl_seconds=self.settings.claude_timeout_seconds + 300,
+            run_dir=self.settings.data_dir / "run",
+        ):
             return await self.runner.run(request, on_event, cancel)
 
     def _context_block(self, row: inbox.InboxRow) -> str | None:
-        """Chat, user and recent history, optimized to a budget (see context-tools)."""
-        from servers import hooks
+        """Chat, user and recent history, optimized to a budget (see context-tools): the block
+        the UserPromptSubmit hook builds, from the same VALOR_HOOK_* settings."""
+        from servers.core.context_markup import plain_block, recent_history
 
-        rows = history.recent_messages(self.store, row.chat_id, time.time() - 86_400, 20)
-        messages = [dict(r) for r in rows if r["message_id"] != row.message_id]
-        args = (row.chat_id, row.sender_name, str(row.sender_id or ""), messages, 2000)
+        messages = recent_history(
+            self.store.connection(),
+            row.chat_id,
+            self.settings.hook_history_messages,
+            exclude_message_id=row.message_id,  # the prompt carries it
+        )
+        args = (
+            row.chat_id,
+            row.sender_name,
+            str(row.sender_id or ""),
+            messages,
+            self.settings.hook_context_max_tokens,
+        )
         try:
             from servers.core.context_opt import build_context_block
 
             return build_context_block(*args)
         except Exception as exc:  # the optimizer is optional here: the plain block still works
             log.warning("context optimizer unavailable (%s); using the plain block", exc)
-            return hooks.fallback_context_block(*args)
+            return plain_block(*args)
 
     async def _deliver(self, row: inbox.InboxRow, sink: ReplySink, outcome: RunOutcome) -> None:
         if outcome.session_id and outcome.status in ("ok", "error"):
@@ -533,7 +529,7 @@ class Bridge:
             # answers it again (at most MAX_ATTEMPTS runs) instead of losing it.
             log.error("could not deliver the reply in chat %s: %s", row.chat_id, redact(repr(exc)))
             return
-        reply_id = getattr(sink, "message_id", None) or -row.id
+        reply_id = sink.message_id or -row.id
         history.record_message(
             self.store,
             history.Message(row.chat_id, reply_id, text, "Valor", None, "out", time.time()),
@@ -583,16 +579,15 @@ class Bridge:
             await asyncio.sleep(OUTBOX_POLL_SECONDS)
 
 
-def _attach_generated_images(sink: ReplySink, tool_name: str, content: str, settings: Any) -> None:
-    """Hand images a tool made (create_image) to sinks that upload them (bridge/live.py)."""
-    attach = getattr(sink, "attach_files", None)
-    if attach is None:
-        return
+def _attach_generated_images(
+    sink: ReplySink, tool_name: str, content: str, settings: Settings
+) -> None:
+    """Hand images a tool made (create_image) to the sink, to go out with the final answer."""
     from bridge.attachments import generated_images
 
     images = generated_images(tool_name, content, settings.media_path)
     if images:
-        attach(images)
+        sink.attach_files(images)
 
 
 def _server_names(config_path: Path) -> list[str]:

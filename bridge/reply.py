@@ -6,6 +6,7 @@ rate-controlled sink through the pipeline's reply factory instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from bridge.transport import ReplySink, SentMessage, Transport
@@ -24,10 +25,14 @@ class EditingReply:
         self._shown = ""
         self._answer = ""
         self._progress = ""
+        self._attached: list[Path] = []
 
     @property
     def message_id(self) -> int | None:
         return self.message.message_id if self.message else None
+
+    def attach_files(self, paths: Sequence[Path]) -> None:
+        self._attached.extend(path for path in paths if path not in self._attached)
 
     async def _show(self, text: str) -> None:
         text = text.strip() or WORKING_MARK
@@ -57,7 +62,7 @@ class EditingReply:
         self._progress = ""
         self._answer = final_text
         await self._show(final_text)
-        for path in files or []:
+        for path in [*self._attached, *(files or [])]:
             await self.transport.send_file(self.chat_id, path, reply_to=self.reply_to)
 
     async def fail(self, message: str) -> None:

@@ -3,7 +3,7 @@ and ``valor chat`` a console one. The pipeline depends only on this interface.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -56,6 +56,15 @@ class Transport(Protocol):
 class ReplySink(Protocol):
     """Where one streamed answer goes. The pipeline calls these in order; an implementation
     decides how often the chat actually sees an edit (bridge/live.py rate-controls Telegram)."""
+
+    @property
+    def message_id(self) -> int | None:
+        """The chat's id of the answer's first message once sent (None before, or if none)."""
+        ...
+
+    def attach_files(self, paths: Sequence[Path]) -> None:
+        """Files a tool made during the run (images), to go out with the final answer."""
+        ...
 
     async def text(self, text: str) -> None:
         """The whole answer text so far (not a delta)."""

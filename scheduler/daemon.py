@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from servers.core import trust
 from servers.core.doctor import capability_report
+from servers.core.mcp_config import HostedTools, endpoint
 
 if TYPE_CHECKING:
     from servers.core.settings import Settings
@@ -125,6 +126,7 @@ class Daemon:
             self.quiet_hours = None
         self.base_url: str | None = None
         self._secret = trust.new_secret()
+        self.tools: HostedTools | None = None  # set once hosted; the promise workers get it
         self._stack = contextlib.AsyncExitStack()
         self._scheduler: Any = None
         self._workers: Any = None
@@ -138,6 +140,7 @@ class Daemon:
 
     # -- start and stop ----------------------------------------------------------------------
     async def start(self) -> None:
+        from servers import SERVERS
         from servers.hosting import hosted
 
         if self.owns_process:
@@ -145,6 +148,7 @@ class Daemon:
         self.base_url = await self._stack.enter_async_context(
             hosted(self._secret, self.host, self.port)
         )
+        self.tools = HostedTools(self.base_url, self._secret, tuple(SERVERS))
         log.info("tools hosted at %s/<server>/mcp", self.base_url)
         await self._open_job_clients()
         self._close_abandoned_sessions()
@@ -201,8 +205,7 @@ class Daemon:
             return
         for promise_id, action in actions:
             log.info("promise %s %s at start-up", promise_id, action)
-        promises.use_hosted_tools(self.base_url, self._secret)
-        self._workers = promises.WorkerPool(queue, self.worker_count)
+        self._workers = promises.WorkerPool(queue, self.worker_count, tools=self.tools)
         self._workers.start()
         log.info(
             "promise workers: %d on %s", self.worker_count, promises.queue_location(self.settings)
@@ -211,16 +214,11 @@ class Daemon:
     def _start_bridge(self) -> None:
         if not telegram_ready(self.settings):
             return
-        try:
-            from bridge import service  # type: ignore[attr-defined]  # the bridge (#5/#6)
-        except ImportError:
-            log.warning("Telegram is configured but this installation has no bridge service yet")
-            return
-        run = getattr(service, "run_bridge", None)
-        if run is None:
-            log.warning("the bridge service has no run_bridge(settings, base_url, secret)")
-            return
-        self._bridge_task = asyncio.create_task(run(self.settings, self.base_url, self._secret))
+        from bridge.service import run_bridge
+
+        self._bridge_task = asyncio.create_task(
+            run_bridge(self.settings, self.base_url, self._secret)
+        )
         self._bridge_task.add_done_callback(_log_bridge_end)
         log.info("bridge started")
 
@@ -297,9 +295,6 @@ class Daemon:
             busy = await asyncio.to_thread(self._workers.stop, grace)
             if busy:
                 self._release_running_promises()
-            from servers.core.promises import use_hosted_tools
-
-            use_hosted_tools(None)
         if self.owns_process:
             await end_children()
         await self._stack.aclose()
@@ -348,8 +343,6 @@ class Daemon:
         return outcome
 
     async def job_health(self) -> JobOutcome:
-        if not self._has_server(MONITORING):
-            return JobOutcome("health", False, "monitoring-tools not available")
         ok, data, text = await self.call_tool(MONITORING, "system_health", {})
         if not ok:
             return JobOutcome("health", False, f"system_health failed: {text}")
@@ -359,8 +352,6 @@ class Daemon:
         return JobOutcome("health", True, f"status {status}, {len(alerts)} alert(s)", data)
 
     async def job_cleanup(self) -> JobOutcome:
-        if not self._has_server(MONITORING):
-            return JobOutcome("cleanup", False, "monitoring-tools not available")
         ok, data, text = await self.call_tool(MONITORING, "cleanup_resources", {"dry_run": False})
         return JobOutcome("cleanup", ok, "cleanup_resources done" if ok else text, data)
 
@@ -373,11 +364,6 @@ class Daemon:
         return JobOutcome(
             "daydream", True, f"session {data['session_id']}: {data['summary']}", data
         )
-
-    def _has_server(self, name: str) -> bool:
-        from servers import SERVERS
-
-        return name in SERVERS
 
     def _alert_on_change(self, status: str, alerts: list[Any]) -> None:
         """Tell the operator when the set of alerts changes and holds for two checks in a row
@@ -422,13 +408,9 @@ class Daemon:
         from fastmcp import Client
         from fastmcp.client.transports import StreamableHttpTransport
 
-        from servers.hosting import endpoint
-
         assert self.base_url is not None
         token = trust.mint_scope_token(self._secret, None, OPERATOR_TOKEN_TTL_SECONDS)
         for server in JOB_SERVERS:
-            if not self._has_server(server):
-                continue
             transport = StreamableHttpTransport(
                 endpoint(self.base_url, server), headers={"Authorization": f"Bearer {token}"}
             )
@@ -506,10 +488,8 @@ def quiet_noisy_loggers(settings: Settings) -> None:
 
 def record_tool_call(server: str, tool: str, ok: bool, duration_ms: float, text: str) -> None:
     """Into the tool-call metrics, through the same recorder the PostToolUse hook uses."""
-    try:
-        from servers.hooks import record_tool_call as record
-    except ImportError:
-        return
+    from servers.hooks import record_tool_call as record
+
     response: Any = {"isError": True, "content": [{"type": "text", "text": text}]} if not ok else {}
     try:
         record(
@@ -561,20 +541,16 @@ async def model_unreachable_reason(settings: Settings) -> str | None:
 
 async def end_children(grace: float = 3.0) -> list[int]:
     """End every process this daemon started that is still running (no orphans)."""
-    import psutil
+    import os
 
-    children = psutil.Process().children(recursive=True)
-    if not children:
-        return []
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = await asyncio.to_thread(psutil.wait_procs, children, grace)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    log.info("ended %d child process(es)", len(children))
-    return [child.pid for child in children]
+    from servers.core.processes import end_process_tree
+
+    own = os.getpid()
+    ended = await end_process_tree(own, grace=grace)  # its tree, never the daemon itself
+    children = [pid for pid in ended.members if pid != own] if ended is not None else []
+    if children:
+        log.info("ended %d child process(es)", len(children))
+    return children
 
 
 async def run_daemon(settings: Settings) -> int:

@@ -21,8 +21,8 @@ import sqlite3
 import time
 
 SCHEMA_VERSION = 3  # the monitoring migration; older stores are migrated on first use
+# The defaults of Settings.hook_history_messages / hook_context_max_tokens (no pydantic here).
 HISTORY_MESSAGES_DEFAULT = 20
-HISTORY_HOURS_DEFAULT = 24.0
 CONTEXT_MAX_TOKENS_DEFAULT = 2000
 ERROR_TEXT_LIMIT = 300
 CONTEXT_FILE_LIMIT = 256_000  # characters; a precomputed block larger than this is ignored
@@ -239,54 +239,25 @@ def session_end(payload: dict) -> None:
 
 
 def chat_context(chat_id: int) -> str:
-    """The context block for a bridge session: chat, user and recent history."""
+    """The context block for a bridge session: chat, user and recent history.
+
+    The bridge builds the same block from the same settings (``Bridge._context_block``)."""
+    from servers.core.context_markup import plain_block, recent_history
+
     user_name = os.environ.get("VALOR_USER_NAME", "")
     user_id = os.environ.get("VALOR_USER_ID", "")
     limit = _int_setting("VALOR_HOOK_HISTORY_MESSAGES", HISTORY_MESSAGES_DEFAULT)
     max_tokens = _int_setting("VALOR_HOOK_CONTEXT_MAX_TOKENS", CONTEXT_MAX_TOKENS_DEFAULT)
-    since = time.time() - HISTORY_HOURS_DEFAULT * 3600
     conn = open_store()
     try:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT message_id, sender, sender_id, direction, text, sent_at FROM messages "
-            "WHERE chat_id = ? AND sent_at >= ? ORDER BY sent_at DESC, id DESC LIMIT ?",
-            (chat_id, since, limit),
-        ).fetchall()
+        messages = recent_history(conn, chat_id, limit)
     finally:
         conn.close()
-    messages = [dict(row) for row in reversed(rows)]
     try:
         from servers.core.context_opt import build_context_block
-    except ImportError:
-        return fallback_context_block(chat_id, user_name, user_id, messages, max_tokens)
+    except ImportError:  # the same markup and escaping, without the optimizer
+        return plain_block(chat_id, user_name, user_id, messages, max_tokens)
     return build_context_block(chat_id, user_name, user_id, messages, max_tokens)
-
-
-def _escape(text: object) -> str:
-    """Message text cannot close or forge the block's tags."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def fallback_context_block(
-    chat_id: int, user_name: str, user_id: str, messages: list[dict], max_tokens: int
-) -> str:
-    """A plain block (used until context-tools' optimizer is present): newest history first kept."""
-    budget = max_tokens * 4  # about four characters a token
-    lines: list[str] = []
-    for message in reversed(messages):
-        who = message.get("sender") or ("Valor" if message.get("direction") == "out" else "user")
-        stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(message.get("sent_at") or 0))
-        line = f"[{stamp}] {_escape(who)}: {_escape(message.get('text', ''))}"
-        if budget - len(line) < 0:
-            break
-        budget -= len(line) + 1
-        lines.append(line)
-    lines.reverse()
-    head = f'<valor-context chat_id="{int(chat_id)}" user="{_escape(user_name)}"'
-    head += f' user_id="{_escape(user_id)}">'
-    history = "\n".join(lines) if lines else "(no recent messages)"
-    return f"{head}\nRecent conversation, oldest first:\n{history}\n</valor-context>"
 
 
 def workspace_summary(cwd: str) -> str:

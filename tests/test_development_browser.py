@@ -19,14 +19,15 @@ import pytest
 from fastmcp import Client
 
 from servers.development import mcp
-from tests.development_helpers import use_claude, use_vision_fake
 from tests.fakes.anthropic_api import Script, ToolUse, turn_text
+from tests.support.development import use_claude, use_vision_fake
 
 PAGE = b"""<!doctype html><html><head><title>Login</title></head>
 <body style="margin:0;background:#c00;color:#fff">
 <h1>Traceback: KeyError 'email'</h1></body></html>"""
 
 pytestmark = [
+    pytest.mark.e2e,  # a real browser (and, in one test, the real Claude Code CLI)
     pytest.mark.skipif(
         not (shutil.which("chromium") or shutil.which("chromium-browser")),
         reason="Debian's chromium is not installed (bash .ci/setup --dev installs it with apt)",

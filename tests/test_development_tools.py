@@ -15,14 +15,14 @@ from fastmcp.client.transports import StreamableHttpTransport
 
 from servers.core import bug_reports, screenshots
 from servers.core.errors import ValorError
-from servers.core.settings import reset_settings_cache
 from servers.core.trust import mint_scope_token, new_secret
 from servers.development import mcp
 from servers.hosting import endpoint, hosted
-from tests.development_helpers import bash_writing_png, use_claude, use_vision_fake
-from tests.development_helpers import write_screenshot as shoot
 from tests.fakes.anthropic_api import Script, Text
 from tests.fakes.openai_api import tiny_png
+from tests.support import call, configure, texts, wait_until_async
+from tests.support.development import bash_writing_png, use_claude, use_vision_fake
+from tests.support.development import write_screenshot as shoot
 
 TOOLS = {"retrieve_workspace_screenshot", "list_workspace_screenshots"}
 TOOLS |= {"execute_bug_report_with_screenshot"}
@@ -31,15 +31,6 @@ FINDINGS = {
     "observed": "A blank page with a stack trace",
     "expected": "A message asking for the e-mail address",
 }
-
-
-def texts(result) -> str:
-    return " ".join(getattr(block, "text", "") for block in result.content)
-
-
-async def call(tool: str, arguments: dict, **client_options):
-    async with Client(mcp, **client_options) as client:
-        return await client.call_tool(tool, arguments, raise_on_error=False)
 
 
 @pytest.fixture
@@ -79,7 +70,7 @@ async def test_retrieve_picks_the_newest_fresh_screenshot_of_that_task(
     shoot(shots_dir, "task-43", "other.png", tiny_png(rgb=(7, 7, 7)), age_seconds=1)
     shoot(shots_dir, "task-42", ".partial.png", tiny_png(), age_seconds=0)  # hidden: ignored
 
-    result = await call("retrieve_workspace_screenshot", {"task_id": "task-42"})
+    result = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "task-42"})
     assert not result.is_error, texts(result)
     data = result.structured_content
     assert data["relative_path"] == "task-42/a-newest.png"
@@ -96,17 +87,17 @@ async def test_stale_and_missing_screenshots_are_refused_with_a_reason(
     use_vision_fake(monkeypatch, fake_openai)
     shoot(shots_dir, "old-task", "shot.png", tiny_png(), age_seconds=30 * 60)
 
-    stale = await call("retrieve_workspace_screenshot", {"task_id": "old-task"})
+    stale = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "old-task"})
     assert stale.is_error
     assert "[file]" in texts(stale) and "30.0 minutes old" in texts(stale)
     assert "max_age_minutes=10" in texts(stale)
 
     accepted = await call(
-        "retrieve_workspace_screenshot", {"task_id": "old-task", "max_age_minutes": 45}
+        mcp, "retrieve_workspace_screenshot", {"task_id": "old-task", "max_age_minutes": 45}
     )
     assert not accepted.is_error and accepted.structured_content["relative_path"].endswith(".png")
 
-    missing = await call("retrieve_workspace_screenshot", {"task_id": "never-shot"})
+    missing = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "never-shot"})
     assert missing.is_error and "No screenshot for task never-shot" in texts(missing)
     assert len(fake_openai.chat_requests) == 1  # only the accepted one was analyzed
 
@@ -119,18 +110,18 @@ async def test_list_filters_by_task_newest_first(shots_dir):
     (shots_dir / "not a task").mkdir()
     (shots_dir / "not a task" / "x.png").write_bytes(tiny_png())
 
-    everything = (await call("list_workspace_screenshots", {})).structured_content
+    everything = (await call(mcp, "list_workspace_screenshots", {})).structured_content
     assert [s["relative_path"] for s in everything["screenshots"]] == [
         "a/2.jpg",
         "b/3.png",
         "a/1.png",
     ]
     assert everything["task_id"] is None and everything["directory"] == str(shots_dir)
-    only_b = (await call("list_workspace_screenshots", {"task_id": "b"})).structured_content
+    only_b = (await call(mcp, "list_workspace_screenshots", {"task_id": "b"})).structured_content
     assert [s["relative_path"] for s in only_b["screenshots"]] == ["b/3.png"]
-    limited = await call("list_workspace_screenshots", {"limit": 1})
+    limited = await call(mcp, "list_workspace_screenshots", {"limit": 1})
     assert len(limited.structured_content["screenshots"]) == 1
-    none_yet = await call("list_workspace_screenshots", {"task_id": "c"})
+    none_yet = await call(mcp, "list_workspace_screenshots", {"task_id": "c"})
     assert none_yet.structured_content["screenshots"] == []
 
 
@@ -163,7 +154,7 @@ async def test_task_ids_that_could_name_another_path_are_refused(
         ("retrieve_workspace_screenshot", {"max_age_minutes": 10_000}),
         ("list_workspace_screenshots", {}),
     ):
-        result = await call(tool, {"task_id": task_id, **extra})
+        result = await call(mcp, tool, {"task_id": task_id, **extra})
         assert result.is_error, (tool, task_id)
         assert "[input]" in texts(result) and "not a valid task id" in texts(result)
     assert fake_openai.chat_requests == []
@@ -180,11 +171,11 @@ async def test_symlinks_never_lead_out_of_the_screenshots_folder(
     (shots_dir / "task").mkdir()
     (shots_dir / "task" / "evil.png").symlink_to(outside / "secret.png")
 
-    linked = await call("retrieve_workspace_screenshot", {"task_id": "linked-task"})
+    linked = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "linked-task"})
     assert linked.is_error and "not a plain folder" in texts(linked)
-    via_file = await call("retrieve_workspace_screenshot", {"task_id": "task"})
+    via_file = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "task"})
     assert via_file.is_error and "No screenshot for task task" in texts(via_file)
-    listed = (await call("list_workspace_screenshots", {})).structured_content["screenshots"]
+    listed = (await call(mcp, "list_workspace_screenshots", {})).structured_content["screenshots"]
     assert listed == []
     assert fake_openai.chat_requests == []
 
@@ -194,19 +185,18 @@ async def test_a_file_named_png_that_is_not_an_image_is_not_sent(
 ):
     use_vision_fake(monkeypatch, fake_openai)
     shoot(shots_dir, "t1", "shot.png", b"#!/bin/sh\necho not an image\n", age_seconds=0)
-    result = await call("retrieve_workspace_screenshot", {"task_id": "t1"})
+    result = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "t1"})
     assert result.is_error and "[encoding]" in texts(result)
     assert fake_openai.chat_requests == []
 
 
 async def test_chat_id_outside_the_fixed_chat_is_refused(monkeypatch, fake_openai, shots_dir):
     use_vision_fake(monkeypatch, fake_openai)
-    monkeypatch.setenv("VALOR_CHAT_ID", "111")
-    use_vision_fake(monkeypatch, fake_openai)
+    configure(monkeypatch, VALOR_CHAT_ID="111")
     shoot(shots_dir, "t1", "shot.png", tiny_png(), age_seconds=0)
-    result = await call("retrieve_workspace_screenshot", {"task_id": "t1", "chat_id": 222})
+    result = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "t1", "chat_id": 222})
     assert result.is_error and "outside it" in texts(result)
-    ok = await call("retrieve_workspace_screenshot", {"task_id": "t1"})
+    ok = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "t1"})
     assert ok.structured_content["chat_id"] == 111
 
 
@@ -235,6 +225,7 @@ def test_task_id_validation_is_exact():
 
 
 # -- the bug-report workflow with the real Claude Code CLI ---------------------------------------
+@pytest.mark.e2e
 async def test_bug_report_end_to_end_with_claude_code_and_vision(
     monkeypatch, claude_bin, claude_env, fake_anthropic, fake_openai, shots_dir, store, tmp_path
 ):
@@ -252,6 +243,7 @@ async def test_bug_report_end_to_end_with_claude_code_and_vision(
         updates.append((progress, total, message))
 
     result = await call(
+        mcp,
         "execute_bug_report_with_screenshot",
         {
             "task_description": "Submitting the empty login form shows a stack trace",
@@ -293,6 +285,7 @@ async def test_bug_report_end_to_end_with_claude_code_and_vision(
     assert updates[-1][0] == bug_reports.PROGRESS_TOTAL and "ready" in updates[-1][2]
 
 
+@pytest.mark.e2e
 async def test_a_run_without_a_screenshot_gives_a_clear_report(
     monkeypatch, claude_bin, claude_env, fake_anthropic, fake_openai, shots_dir, tmp_path
 ):
@@ -302,6 +295,7 @@ async def test_a_run_without_a_screenshot_gives_a_clear_report(
     shoot(shots_dir, "T-9", "old.png", tiny_png(), age_seconds=3600)  # not this run's evidence
 
     result = await call(
+        mcp,
         "execute_bug_report_with_screenshot",
         {"task_description": "The dashboard is empty", "notion_task_id": "T-9"},
     )
@@ -313,6 +307,7 @@ async def test_a_run_without_a_screenshot_gives_a_clear_report(
     assert report["delivery"] == "" and fake_openai.chat_requests == []
 
 
+@pytest.mark.e2e
 async def test_a_failing_model_api_still_gives_a_report(
     monkeypatch, claude_bin, claude_env, fake_anthropic, fake_openai, shots_dir, tmp_path
 ):
@@ -320,6 +315,7 @@ async def test_a_failing_model_api_still_gives_a_report(
     use_vision_fake(monkeypatch, fake_openai)
     fake_anthropic.fail_next("500", count=3, path="/v1/messages")
     result = await call(
+        mcp,
         "execute_bug_report_with_screenshot",
         {"task_description": "Anything", "notion_task_id": "T-10"},
     )
@@ -330,6 +326,7 @@ async def test_a_failing_model_api_still_gives_a_report(
     assert any("did not finish cleanly" in note and "500" in note for note in report["notes"])
 
 
+@pytest.mark.e2e
 async def test_a_failing_vision_call_keeps_the_screenshot_in_the_report(
     monkeypatch, claude_bin, claude_env, fake_anthropic, fake_openai, shots_dir, tmp_path
 ):
@@ -338,6 +335,7 @@ async def test_a_failing_vision_call_keeps_the_screenshot_in_the_report(
     fake_openai.fail_next("503", count=3)
     fake_anthropic.responder = Script([bash_writing_png(tiny_png()), json.dumps(FINDINGS)])
     result = await call(
+        mcp,
         "execute_bug_report_with_screenshot",
         {"task_description": "Broken chart", "notion_task_id": "T-11"},
     )
@@ -351,6 +349,7 @@ async def test_a_failing_vision_call_keeps_the_screenshot_in_the_report(
 
 async def test_bad_task_id_is_refused_before_claude_code_starts(fake_anthropic, store):
     result = await call(
+        mcp,
         "execute_bug_report_with_screenshot",
         {"task_description": "x", "notion_task_id": "../../tmp"},
     )
@@ -359,11 +358,15 @@ async def test_bad_task_id_is_refused_before_claude_code_starts(fake_anthropic, 
 
 
 async def test_a_missing_claude_code_is_a_config_error(monkeypatch, shots_dir, tmp_path):
-    monkeypatch.setenv("VALOR_CLAUDE_BIN", str(tmp_path / "no-claude-here"))
-    monkeypatch.setenv("VALOR_CLAUDE_WORKDIR", str(tmp_path))
-    reset_settings_cache()
+    configure(
+        monkeypatch,
+        VALOR_CLAUDE_BIN=str(tmp_path / "no-claude-here"),
+        VALOR_CLAUDE_WORKDIR=str(tmp_path),
+    )
     result = await call(
-        "execute_bug_report_with_screenshot", {"task_description": "x", "notion_task_id": "T-1"}
+        mcp,
+        "execute_bug_report_with_screenshot",
+        {"task_description": "x", "notion_task_id": "T-1"},
     )
     assert result.is_error and "[config]" in texts(result) and "Claude Code" in texts(result)
 
@@ -387,7 +390,7 @@ async def test_progress_only_increases_and_keeps_beating_while_claude_code_works
     progress = bug_reports._Progress(report, timeout=60)
     await progress.at(0.0, "start")
     beat = asyncio.create_task(progress.heartbeat(0.02))
-    await asyncio.sleep(0.15)
+    await wait_until_async(lambda: len(seen) >= 4, message="three heartbeats")
     await progress.running("Claude Code is using Bash")
     beat.cancel()
     await progress.at(0.5, "a late, lower value")  # never goes backwards
@@ -397,6 +400,7 @@ async def test_progress_only_increases_and_keeps_beating_while_claude_code_works
     assert seen[-2][1].startswith("Claude Code is using Bash (")
 
 
+@pytest.mark.e2e
 async def test_hosted_http_bug_report_uses_the_token_chat_and_streams_progress(
     monkeypatch, claude_bin, claude_env, fake_anthropic, fake_openai, shots_dir, store, tmp_path
 ):
@@ -437,12 +441,13 @@ async def test_an_unwritable_screenshots_folder_is_a_file_error(
 ):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the folder should be")
-    monkeypatch.setenv("VALOR_SCREENSHOTS_DIR", str(blocker))
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_SCREENSHOTS_DIR=str(blocker))
     result = await call(
-        "execute_bug_report_with_screenshot", {"task_description": "x", "notion_task_id": "T-2"}
+        mcp,
+        "execute_bug_report_with_screenshot",
+        {"task_description": "x", "notion_task_id": "T-2"},
     )
     assert result.is_error and "[file]" in texts(result) and "cannot be written" in texts(result)
     assert fake_anthropic.requests == []
-    listed = await call("list_workspace_screenshots", {})
+    listed = await call(mcp, "list_workspace_screenshots", {})
     assert listed.structured_content["screenshots"] == []

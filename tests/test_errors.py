@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from fastmcp import Client
-
 from servers.core.app import create_server
 from servers.core.errors import Category, ValorError
-from servers.core.settings import reset_settings_cache
+from tests.support import call, configure, texts
 
 FAKE_KEY = "sk-test-VALOR-secret-123456789"
 
@@ -28,12 +26,10 @@ def broken_server():
 
 
 async def test_unexpected_error_is_masked_with_correlation_id(caplog, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
-    reset_settings_cache()
+    configure(monkeypatch, OPENAI_API_KEY=FAKE_KEY)
     caplog.set_level(logging.DEBUG)
-    async with Client(broken_server()) as client:
-        result = await client.call_tool("explode", {}, raise_on_error=False)
-    text = result.content[0].text
+    result = await call(broken_server(), "explode")
+    text = texts(result)
     assert result.is_error
     assert text.startswith("[internal]") and "correlation id" in text
     correlation_id = text.split("correlation id ")[1].split(")")[0]
@@ -45,7 +41,6 @@ async def test_unexpected_error_is_masked_with_correlation_id(caplog, monkeypatc
 
 
 async def test_categorized_error_reaches_the_client_as_written():
-    async with Client(broken_server()) as client:
-        result = await client.call_tool("refuse", {}, raise_on_error=False)
+    result = await call(broken_server(), "refuse")
     assert result.is_error
-    assert result.content[0].text == "[rate_limit] Perplexity is rate limiting; retry in 30 s."
+    assert texts(result) == "[rate_limit] Perplexity is rate limiting; retry in 30 s."

@@ -78,7 +78,7 @@ def test_close_does_not_wait_for_a_hanging_request():
         httpx.get(fake.url + "/v1/models", timeout=0.2)
     started = time.monotonic()
     fake.close()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 20  # not the 30 s the request would hang
 
 
 # -- OpenAI ----------------------------------------------------------------------------------------
@@ -319,6 +319,7 @@ def run_claude(claude_bin: Path, env: dict[str, str], *args: str, timeout: float
     return events[-1], elapsed
 
 
+@pytest.mark.e2e
 def test_claude_answers_with_scripted_text(claude_bin, claude_env, fake_anthropic, record_property):
     fake_anthropic.responder = reply_with("Scripted hello from the fake.")
     result, elapsed = run_claude(claude_bin, claude_env, "hello")
@@ -334,6 +335,7 @@ def test_claude_answers_with_scripted_text(claude_bin, claude_env, fake_anthropi
     assert fake_anthropic.requests[0].headers["x-api-key"] == "test-key"
 
 
+@pytest.mark.e2e
 def test_claude_runs_a_builtin_tool_and_sees_its_result(claude_bin, claude_env, fake_anthropic):
     fake_anthropic.responder = call_tool("Bash", {"command": "echo hi"}, "Bash said: {result}")
     result, _ = run_claude(claude_bin, claude_env, "say hi", "--allowedTools", "Bash")
@@ -342,6 +344,7 @@ def test_claude_runs_a_builtin_tool_and_sees_its_result(claude_bin, claude_env, 
     assert last_tool_result(second) == "hi"
 
 
+@pytest.mark.e2e
 def test_claude_resumed_session_restarts_the_script(claude_bin, claude_env, fake_anthropic):
     fake_anthropic.responder = Script(
         [ToolUse("Bash", {"command": "echo again"}), lambda r: f"got {last_tool_result(r)}"]
@@ -354,6 +357,7 @@ def test_claude_resumed_session_restarts_the_script(claude_bin, claude_env, fake
     assert len(fake_anthropic.main_requests) == 4
 
 
+@pytest.mark.e2e
 def test_claude_reports_model_failures_instead_of_hanging(claude_bin, claude_env, fake_anthropic):
     fake_anthropic.fail_next("500", count=10)
     result, elapsed = run_claude(claude_bin, claude_env, "hello", timeout=30)
@@ -378,6 +382,7 @@ mcp.run(show_banner=False)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("tool_search", ["default", "false"])
 def test_claude_calls_an_mcp_tool_with_or_without_tool_search(
     claude_bin, claude_env, fake_anthropic, tmp_path, tool_search

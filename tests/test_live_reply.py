@@ -15,6 +15,7 @@ from bridge.rate import Limits, RateController
 from bridge.transport import ReplySink, SentMessage
 from servers.core.errors import Category, ValorError
 from servers.core.settings import get_settings
+from tests.support import configure, wait_until_async
 
 FAST = Limits(time_scale=0.02)  # one call per 22 ms per chat
 
@@ -88,28 +89,32 @@ async def test_live_reply_is_a_reply_sink():
 
 async def test_bursts_of_text_coalesce_and_the_newest_text_is_shown():
     transport = RecordingTransport()
-    live = reply(transport)
+    # One call per 220 ms: the burst would have to last 13 s for 60 previews to fit.
+    live = reply(transport, rate=RateController(Limits(time_scale=0.2)))
     answer = ""
     for i in range(200):
         answer += f"w{i} "
         await live.text(answer)
-        await asyncio.sleep(0.001)  # 200 updates in ~0.2-0.4 s
-    await asyncio.sleep(0.08)
-    previews = transport.sent("send") + transport.sent("edit")
-    assert 1 <= len(previews) < 60  # far fewer calls than updates
-    assert previews[-1].strip().endswith("w199")  # the newest text reached the chat
+        await asyncio.sleep(0)  # the preview task gets its turns during the burst
+
+    def previews() -> list[str]:
+        return transport.sent("send") + transport.sent("edit")
+
+    # the newest text reaches the chat
+    await wait_until_async(lambda: previews()[-1:] and previews()[-1].strip().endswith("w199"))
+    assert len(previews()) < 60  # far fewer calls than updates
     stamps = [c[3] for c in transport.calls]
-    assert min(b - a for a, b in itertools.pairwise(stamps)) >= 0.022 * 0.9
+    assert min(b - a for a, b in itertools.pairwise(stamps)) >= 0.22 * 0.9
 
 
 async def test_unchanged_text_is_not_sent_again():
     transport = RecordingTransport()
     live = reply(transport)
     await live.text("same")
-    await asyncio.sleep(0.05)
+    await wait_until_async(lambda: transport.calls)
     for _ in range(5):
         await live.text("same")
-        await asyncio.sleep(0.03)
+        await asyncio.sleep(0.03)  # room for a wrong resend (one call per 22 ms is allowed)
     assert len(transport.calls) == 1
 
 
@@ -117,11 +122,11 @@ async def test_tool_progress_shows_in_the_live_message():
     transport = RecordingTransport()
     live = reply(transport, typing=True)
     await live.tool_progress("mcp__social-tools__search_current_info", "weather in Paris")
-    await asyncio.sleep(0.03)
+    await wait_until_async(lambda: transport.sent("send"))
     assert transport.sent("send") == ["🔎 search_current_info weather in Paris…"]
     assert (1, "typing") in transport.signals
     await live.text("It is sunny.")
-    await asyncio.sleep(0.05)
+    await wait_until_async(lambda: transport.sent("edit"))
     assert transport.sent("edit")[-1].startswith("It is sunny.\n\n🔎 search_current_info")
 
 
@@ -135,7 +140,7 @@ async def test_final_is_a_fresh_message_and_the_preview_goes():
     transport = RecordingTransport()
     live = reply(transport)
     await live.text("Working on **it**")
-    await asyncio.sleep(0.03)
+    await wait_until_async(lambda: transport.sent("send"))
     assert len(transport.sent("send")) == 1  # the preview
     await live.finish("Done: **all good**")
     sends = transport.sent("send")
@@ -169,20 +174,20 @@ async def test_flood_wait_on_one_chat_does_not_stop_another():
     fast = reply(transport, chat_id=2, rate=rate)
     await slow.text("first")
     await fast.text("first")
-    await asyncio.sleep(0.05)
-    transport.failures["edit"].append(flood(0.5))  # the next edit (chat 1's) is refused
+    await wait_until_async(lambda: len(transport.sent("send")) == 2)
+    transport.failures["edit"].append(flood(1.0))  # the next edit (chat 1's) is refused
     await slow.text("second")
-    await asyncio.sleep(0.05)
-    blocked_at = time.monotonic()
+    await wait_until_async(lambda: slow.flood_waits == 1)
+    blocked_until = time.monotonic() + rate.blocked_for(1)
     for i in range(5):
         await fast.text(f"fast {i}")
-        await asyncio.sleep(0.04)
-    assert transport.sent("edit", 2)[-1] == "fast 4"  # chat 2 kept streaming
-    assert slow.flood_waits == 1 and rate.blocked_for(1) > 0
-    await asyncio.sleep(0.5)
-    assert transport.sent("edit", 1)[-1] == "second"  # retried after retry_after
+        await wait_until_async(lambda i=i: transport.sent("edit", 2)[-1:] == [f"fast {i}"])
+    chat_2_edits = [c[3] for c in transport.calls if c[0] == "edit" and c[1] == 2]
+    assert chat_2_edits[0] < blocked_until  # chat 2 kept streaming while chat 1 waited
+    await wait_until_async(lambda: transport.sent("edit", 1) == ["second"])  # retried
     retry_time = [c[3] for c in transport.calls if c[0] == "edit" and c[1] == 1][-1]
-    assert retry_time - blocked_at >= 0.35
+    assert retry_time >= blocked_until - 0.01  # not before retry_after (0.01: clock reads)
+    assert slow.flood_waits == 1
 
 
 async def test_final_survives_repeated_flood_waits():
@@ -244,15 +249,12 @@ async def test_updates_after_finish_are_ignored():
     live = reply(transport)
     await live.finish("final")
     await live.text("late text")
-    await asyncio.sleep(0.03)
+    await asyncio.sleep(0.03)  # room for a wrong preview; a slow machine can only hide one
     assert transport.sent("send") == ["final"] and not transport.sent("edit")
 
 
 async def test_factory_uses_settings_and_shares_one_controller(monkeypatch):
-    monkeypatch.setenv("VALOR_TELEGRAM_TYPING", "false")
-    from servers.core.settings import reset_settings_cache
-
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_TELEGRAM_TYPING="false")
     make = live_reply_factory()
     a, b = make(RecordingTransport(), 1, 2), make(RecordingTransport(), -100, None)
     assert a.rate is b.rate and not a.typing
@@ -272,7 +274,7 @@ async def test_without_delete_the_preview_becomes_the_tool_summary():
     transport = NoDeleteTransport()
     live = reply(transport)
     await live.tool_progress("mcp__social-tools__create_image")
-    await asyncio.sleep(0.03)
+    await wait_until_async(lambda: transport.sent("send"))  # the preview is shown
     await live.finish("Here is your picture.")
     await live.settled()
     assert list(transport.messages.values()) == ["🎨 create_image ✓", "Here is your picture."]
@@ -297,9 +299,9 @@ async def test_a_broken_preview_never_costs_the_final_answer():
     transport.failures["send"] = [LookupError("odd transport failure")]
     live = reply(transport)
     await live.text("first")
-    await asyncio.sleep(0.03)
+    await wait_until_async(lambda: not transport.failures["send"])  # the preview broke
     await live.text("second")
-    await asyncio.sleep(0.03)
+    await wait_until_async(lambda: transport.sent("send") == ["second"])  # previews go on
     await live.finish("final")
     assert transport.sent("send")[-1] == "final"
 
@@ -313,8 +315,13 @@ async def test_failure_keeps_the_partial_answer():
 
 
 class SlowTransport(RecordingTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_send_started = asyncio.Event()
+
     async def send_text(self, chat_id, text, *, reply_to=None):
         if not self.calls:
+            self.first_send_started.set()
             await asyncio.sleep(0.1)  # the first preview is still on its way when finish comes
         return await super().send_text(chat_id, text, reply_to=reply_to)
 
@@ -323,7 +330,7 @@ async def test_a_preview_in_flight_at_finish_is_not_left_behind():
     transport = SlowTransport()
     live = reply(transport)
     await live.text("thinking")
-    await asyncio.sleep(0.02)
+    await asyncio.wait_for(transport.first_send_started.wait(), 30)
     await live.finish("answer")
     await live.settled()
     assert transport.sent("send") == ["thinking", "answer"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,9 +18,10 @@ import pytest
 from fastmcp import Client
 
 from servers.core import cleanup as cleanup_module
-from servers.core.processes import running_registrations
-from servers.core.settings import REPO_ROOT, get_settings, reset_settings_cache
+from servers.core.processes import register_process, running_registrations
+from servers.core.settings import REPO_ROOT, get_settings
 from servers.monitoring import mcp
+from tests.support import configure
 
 SCENARIO = REPO_ROOT / "tests" / "monitoring_cleanup_scenario.py"
 
@@ -45,7 +47,7 @@ def scenario(tmp_path_factory) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -85,7 +87,8 @@ def test_registered_stale_tree_ends_gracefully_then_forcibly(scenario):
     assert sorted(stubborn["killed"]) == sorted(pids["stubborn"])  # SIGTERM ignored: SIGKILL
     assert scenario["after_real"]["stale"] == [False] * len(pids["stale"])
     assert scenario["after_real"]["stubborn"] == [False] * len(pids["stubborn"])
-    assert scenario["elapsed"] < 5  # the 0.5 s grace, not the 5 s default
+    # SIGKILL came only after the configured grace (longer than the default, so it was used).
+    assert scenario["elapsed"] >= scenario["grace"]
 
 
 def test_pid_reuse_is_left_alone(scenario):
@@ -103,6 +106,44 @@ def test_long_running_kind_kept_and_registrations_closed(scenario):
     assert _by_pid(scenario["real"])[scenario["exited_pid"]]["outcome"] == "closed registration"
     # Only the daemon's registration is still open afterwards.
     assert scenario["open_registrations"] == [pids["daemon"][0]]
+
+
+def test_zero_age_limit_ends_a_run_registered_just_now(store):
+    """max_age_hours=0 makes every bounded run stale, however young (its age was once rounded to
+    0.0 h, which is not > 0, so a run younger than ~1.8 s was kept)."""
+    run = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        registration = register_process(store, run.pid, "claude", "claude -p young")
+        for now in (registration.create_time, registration.create_time - 0.5, time.time()):
+            (planned,) = cleanup_module.clean_processes(
+                store, dry_run=True, max_age_hours=0, grace_seconds=5, now=now
+            )
+            assert planned.outcome == "would end", planned.reason
+        (action,) = cleanup_module.clean_processes(
+            store, dry_run=False, max_age_hours=0, grace_seconds=5, now=time.time()
+        )
+        assert action.outcome == "ended" and action.terminated == [run.pid]
+        assert run.wait(timeout=60) == -signal.SIGTERM
+        assert running_registrations(store) == []
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def test_a_run_within_its_age_limit_is_kept(store):
+    run = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        registration = register_process(store, run.pid, "claude", "claude -p young")
+        now = registration.create_time + 3600  # an hour old against a two-hour limit
+        (action,) = cleanup_module.clean_processes(
+            store, dry_run=False, max_age_hours=2, grace_seconds=5, now=now
+        )
+        assert action.outcome == "kept" and action.age_hours == 1.0
+        assert run.poll() is None
+    finally:
+        run.kill()
+        run.wait()
 
 
 # -- files and store (no process is registered in these tests' store) -----------------------------
@@ -153,8 +194,7 @@ async def test_a_temp_dir_that_is_not_valors_is_never_swept(store, tmp_path, mon
     precious = foreign / "thesis.tex"
     precious.write_text("years of work")
     _age(precious, 1000)
-    monkeypatch.setenv("VALOR_TEMP_DIR", str(foreign))
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_TEMP_DIR=str(foreign))
     async with Client(mcp) as client:
         report = await client.call_tool("cleanup_resources", {"dry_run": False})
     assert report.structured_content["temp_dirs_refused"] == [str(foreign)]
@@ -165,8 +205,7 @@ async def test_a_temp_dir_that_is_not_valors_is_never_swept(store, tmp_path, mon
     old.write_text("{}")
     _age(old, 48)
     _age(marked / cleanup_module.TEMP_MARKER, 48)
-    monkeypatch.setenv("VALOR_TEMP_DIR", str(marked))
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_TEMP_DIR=str(marked))
     async with Client(mcp) as client:
         report = await client.call_tool("cleanup_resources", {"dry_run": False})
     assert report.structured_content["temp_dirs_refused"] == []

@@ -6,13 +6,12 @@ import json
 import time
 
 import pytest
-from fastmcp import Client
 
 from servers.core import notion_projects
-from servers.core.settings import reset_settings_cache
 from servers.notion import mcp
 from tests.fakes.notion_api import FakeNotion
 from tests.social_fakes import only_loopback_connections  # noqa: F401 - autouse fixture
+from tests.support import call, configure, texts
 
 VALOR_DB = "3f0c6a5e-8d9b-4c1e-9a57-1b2c3d4e5f60"
 OTHER_DB = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
@@ -26,36 +25,25 @@ ROWS = [
 ]
 
 
-def texts(result) -> str:
-    return " ".join(getattr(block, "text", "") for block in result.content)
-
-
-def configure(monkeypatch, fake: FakeNotion, **extra: str) -> None:
+def use_notion(monkeypatch, fake: FakeNotion, **extra: str) -> None:
     env = {
         "NOTION_API_KEY": NOTION_KEY,
         "VALOR_NOTION_BASE_URL": fake.url,
         "VALOR_NOTION_WORKSPACES": json.dumps({"Valor": VALOR_DB, "Other": OTHER_DB}),
         "VALOR_NOTION_MAX_RETRIES": "0",
     }
-    for name, value in (env | extra).items():
-        monkeypatch.setenv(name, value)
-    reset_settings_cache()
+    configure(monkeypatch, **(env | extra))
 
 
 @pytest.fixture
 def notion(fake_notion, monkeypatch):
     fake_notion.add_database(VALOR_DB, ROWS)
-    configure(monkeypatch, fake_notion)
+    use_notion(monkeypatch, fake_notion)
     return fake_notion
 
 
-async def call(tool: str, arguments: dict):
-    async with Client(mcp) as client:
-        return await client.call_tool(tool, arguments, raise_on_error=False)
-
-
 async def test_list_workspaces(notion):
-    result = await call("list_notion_workspaces", {})
+    result = await call(mcp, "list_notion_workspaces", {})
     assert result.structured_content == {
         "workspaces": [
             {"name": "Other", "database_id": OTHER_DB},
@@ -68,7 +56,7 @@ async def test_list_workspaces(notion):
 
 async def test_a_question_filters_the_rows_by_its_terms(notion):
     result = await call(
-        "query_notion_projects", {"workspace": "valor", "question": "How is billing going?"}
+        mcp, "query_notion_projects", {"workspace": "valor", "question": "How is billing going?"}
     )
     data = result.structured_content
     assert data["workspace"] == "Valor"
@@ -88,6 +76,7 @@ async def test_a_question_filters_the_rows_by_its_terms(notion):
 
 async def test_status_and_priority_words_match_too(notion):
     result = await call(
+        mcp,
         "query_notion_projects",
         {"workspace": "Valor", "question": "which high priority items are in progress?"},
     )
@@ -96,7 +85,9 @@ async def test_status_and_priority_words_match_too(notion):
 
 
 async def test_a_general_question_lists_every_row(notion):
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "what's up?"})
+    result = await call(
+        mcp, "query_notion_projects", {"workspace": "Valor", "question": "what's up?"}
+    )
     data = result.structured_content
     assert data["filtered"] is False
     assert len(data["rows"]) == 5
@@ -108,8 +99,10 @@ async def test_pagination_is_followed_to_the_end(fake_notion, monkeypatch):
     rows = [{"title": f"Task {i:02d}", "status": "Done"} for i in range(23)]
     fake_notion.add_database(VALOR_DB, rows)
     fake_notion.page_size = 5
-    configure(monkeypatch, fake_notion)
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "all tasks"})
+    use_notion(monkeypatch, fake_notion)
+    result = await call(
+        mcp, "query_notion_projects", {"workspace": "Valor", "question": "all tasks"}
+    )
     assert result.structured_content["total_rows"] == 23
     queries = fake_notion.requests_to(r"/query$", "POST")
     assert len(queries) == 5
@@ -120,18 +113,18 @@ async def test_pagination_is_followed_to_the_end(fake_notion, monkeypatch):
 async def test_the_row_cap_stops_reading(fake_notion, monkeypatch):
     fake_notion.add_database(VALOR_DB, [{"title": f"T{i}"} for i in range(30)])
     fake_notion.page_size = 10
-    configure(monkeypatch, fake_notion, VALOR_NOTION_MAX_ROWS="12")
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "list"})
+    use_notion(monkeypatch, fake_notion, VALOR_NOTION_MAX_ROWS="12")
+    result = await call(mcp, "query_notion_projects", {"workspace": "Valor", "question": "list"})
     assert result.structured_content["total_rows"] == 12
     assert "VALOR_NOTION_MAX_ROWS" in result.structured_content["note"]
     assert len(fake_notion.requests_to(r"/query$")) == 2
 
 
 async def test_429_is_retried_after_retry_after(notion, monkeypatch):
-    configure(monkeypatch, notion, VALOR_NOTION_MAX_RETRIES="2")
+    use_notion(monkeypatch, notion, VALOR_NOTION_MAX_RETRIES="2")
     notion.fail_next("429", retry_after=1, path="/query$")
     started = time.monotonic()
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "billing"})
+    result = await call(mcp, "query_notion_projects", {"workspace": "Valor", "question": "billing"})
     elapsed = time.monotonic() - started
     assert not result.is_error
     assert len(notion.requests_to(r"/query$")) == 2
@@ -139,9 +132,9 @@ async def test_429_is_retried_after_retry_after(notion, monkeypatch):
 
 
 async def test_429_beyond_the_retries_is_a_rate_limit_error(notion, monkeypatch):
-    configure(monkeypatch, notion, VALOR_NOTION_MAX_RETRIES="1")
+    use_notion(monkeypatch, notion, VALOR_NOTION_MAX_RETRIES="1")
     notion.fail_next("429", count=5, retry_after=0, path="/query$")
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "billing"})
+    result = await call(mcp, "query_notion_projects", {"workspace": "Valor", "question": "billing"})
     assert texts(result).startswith("[rate_limit] Notion is rate limiting")
     assert len(notion.requests_to(r"/query$")) == 2  # bounded: one try plus one retry
 
@@ -160,42 +153,45 @@ async def test_429_beyond_the_retries_is_a_rate_limit_error(notion, monkeypatch)
     ],
 )
 async def test_notion_failures_are_categorized(notion, monkeypatch, failure, category, words):
-    configure(monkeypatch, notion, VALOR_NOTION_TIMEOUT_SECONDS="0.5")
+    use_notion(monkeypatch, notion, VALOR_NOTION_TIMEOUT_SECONDS="0.5")
     notion.fail_next(failure, count=3)
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "billing"})
+    result = await call(mcp, "query_notion_projects", {"workspace": "Valor", "question": "billing"})
     assert result.is_error
     assert texts(result).startswith(f"[{category}]"), texts(result)
     assert words in texts(result)
 
 
 async def test_an_unshared_database_is_a_config_error(notion):
-    result = await call("query_notion_projects", {"workspace": "Other", "question": "billing"})
+    result = await call(mcp, "query_notion_projects", {"workspace": "Other", "question": "billing"})
     assert texts(result).startswith("[config]")
     assert "share the database" in texts(result)
 
 
 async def test_unknown_workspaces_list_the_known_ones(notion):
-    result = await call("query_notion_projects", {"workspace": "Marketing", "question": "x"})
+    result = await call(mcp, "query_notion_projects", {"workspace": "Marketing", "question": "x"})
     assert texts(result) == "[input] Unknown workspace 'Marketing'. Known workspaces: Other, Valor."
     assert notion.requests == []
 
 
 async def test_missing_configuration_says_what_to_set(monkeypatch, fake_notion):
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "x"})
+    result = await call(mcp, "query_notion_projects", {"workspace": "Valor", "question": "x"})
     assert texts(result).startswith("[config] No Notion workspaces are configured")
-    monkeypatch.setenv("VALOR_NOTION_WORKSPACES", json.dumps({"Valor": VALOR_DB}))
-    reset_settings_cache()
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "x"})
+    configure(monkeypatch, VALOR_NOTION_WORKSPACES=json.dumps({"Valor": VALOR_DB}))
+    result = await call(mcp, "query_notion_projects", {"workspace": "Valor", "question": "x"})
     assert texts(result) == "[config] Notion is not configured: set NOTION_API_KEY."
 
 
 async def test_a_configured_model_answers_from_the_rows(notion, monkeypatch, fake_openai):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-model-key-0000")
-    monkeypatch.setenv("VALOR_OPENAI_BASE_URL", f"{fake_openai.url}/v1")
-    monkeypatch.setenv("VALOR_OPENAI_MAX_RETRIES", "0")
-    reset_settings_cache()
+    configure(
+        monkeypatch,
+        OPENAI_API_KEY="sk-test-model-key-0000",
+        VALOR_OPENAI_BASE_URL=f"{fake_openai.url}/v1",
+        VALOR_OPENAI_MAX_RETRIES="0",
+    )
     fake_openai.chat_reply = "Billing rewrite is in progress and high priority."
-    result = await call("query_notion_projects", {"workspace": "Valor", "question": "billing?"})
+    result = await call(
+        mcp, "query_notion_projects", {"workspace": "Valor", "question": "billing?"}
+    )
     data = result.structured_content
     assert data["answer"] == "Billing rewrite is in progress and high priority."
     assert data["answer_source"] == "model"
@@ -203,7 +199,9 @@ async def test_a_configured_model_answers_from_the_rows(notion, monkeypatch, fak
     assert "Billing rewrite" in prompt and "Question: billing?" in prompt
 
     fake_openai.fail_next("500", count=2)
-    fallback = await call("query_notion_projects", {"workspace": "Valor", "question": "billing?"})
+    fallback = await call(
+        mcp, "query_notion_projects", {"workspace": "Valor", "question": "billing?"}
+    )
     assert fallback.structured_content["answer_source"] == "listing"
     assert "[upstream_api]" in fallback.structured_content["note"]
 

@@ -8,25 +8,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
-from fastmcp import Client
 
+from servers import SERVERS
 from servers.core import promises
+from servers.core.mcp_config import HostedTools
 from servers.core.outbox import pending_outbound
-from servers.core.settings import REPO_ROOT, get_settings, reset_settings_cache
+from servers.core.settings import REPO_ROOT, get_settings
 from servers.core.trust import new_secret
 from servers.hosting import hosted
 from servers.promises import mcp
 from tests.fakes.anthropic_api import call_tool, mcp_tool
+from tests.support import call, configure, texts, wait_until, wait_until_async
 
 CHAT, OTHER_CHAT = 4242, 777
-
-
-def texts(result):
-    return " ".join(getattr(block, "text", "") for block in result.content)
+DEADLINE_SECONDS = 60.0  # generous: these tests must pass on a busy 2-core machine
 
 
 @pytest.fixture
@@ -34,10 +32,12 @@ def research(fake_openai, monkeypatch):
     """research promises answered by the fake Perplexity (the real openai SDK over HTTP)."""
     fake_openai.chat_reply = "Python 3.14 is out."
     fake_openai.citations = ["https://python.org/downloads"]
-    monkeypatch.setenv("PERPLEXITY_API_KEY", "pplx-test-key-123456")
-    monkeypatch.setenv("VALOR_PERPLEXITY_BASE_URL", f"{fake_openai.url}/v1")
-    monkeypatch.setenv("VALOR_PERPLEXITY_MAX_RETRIES", "0")  # the queue's own rule shows alone
-    reset_settings_cache()
+    configure(
+        monkeypatch,
+        PERPLEXITY_API_KEY="pplx-test-key-123456",
+        VALOR_PERPLEXITY_BASE_URL=f"{fake_openai.url}/v1",
+        VALOR_PERPLEXITY_MAX_RETRIES="0",  # the queue's own rule shows alone
+    )
     yield fake_openai
     promises.close_queues()
 
@@ -46,8 +46,8 @@ def research(fake_openai, monkeypatch):
 def workers():
     pools = []
 
-    def start(count=1):
-        pool = promises.WorkerPool(promises.get_queue(), count, poll_seconds=0.05)
+    def start(count=1, tools=None):
+        pool = promises.WorkerPool(promises.get_queue(), count, poll_seconds=0.05, tools=tools)
         pool.start()
         pools.append(pool)
         return pool
@@ -57,24 +57,32 @@ def workers():
         pool.stop(10)
 
 
-def wait_for(store, promise_id, states, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for(store, promise_id, states, timeout=DEADLINE_SECONDS):
+    """The promise once its status is one of ``states``."""
+
+    def reached():
         promise = promises.get_promise(store, promise_id)
-        if promise.status in states:
-            return promise
-        time.sleep(0.05)
-    raise AssertionError(f"promise {promise_id} is {promise.status}, not in {states}")
+        return promise if promise.status in states else None
+
+    try:
+        return wait_until(reached, timeout, f"promise {promise_id} reaching {sorted(states)}")
+    except AssertionError as timed_out:
+        status = promises.get_promise(store, promise_id).status
+        raise AssertionError(f"promise {promise_id} is {status}, not in {states}") from timed_out
 
 
-async def call(tool, arguments):
-    async with Client(mcp) as client:
-        return await client.call_tool(tool, arguments, raise_on_error=False)
+def drain(pool, timeout=DEADLINE_SECONDS):
+    """Wait until the pool took everything off the queue and finished it, then stop it: what
+    must not happen (a run, a retry, an overwrite) would have happened by then."""
+    wait_until(lambda: not pool.queue.pending_count(), timeout, "the workers taking the tasks")
+    assert pool.stop(timeout) == [], "a worker is still busy"
 
 
 async def test_lifecycle_to_completed_and_delivered(store, research, workers):
     created = (
-        await call("create_promise", {"description": "What is new in Python?", "chat_id": CHAT})
+        await call(
+            mcp, "create_promise", {"description": "What is new in Python?", "chat_id": CHAT}
+        )
     ).structured_content
     assert created["status"] == "pending" and created["kind"] == "research"
     assert promises.get_queue().pending_count() == 1  # huey holds the task, in its own file
@@ -82,7 +90,7 @@ async def test_lifecycle_to_completed_and_delivered(store, research, workers):
     workers()
     done = wait_for(store, created["id"], {"completed", "failed"})
     assert done.status == "completed", done.error
-    status = (await call("promise_status", {"promise_id": created["id"]})).structured_content
+    status = (await call(mcp, "promise_status", {"promise_id": created["id"]})).structured_content
     assert "Python 3.14 is out." in status["result"]
     assert "https://python.org/downloads" in status["result"]
     assert status["started_at"] and status["finished_at"]
@@ -90,31 +98,37 @@ async def test_lifecycle_to_completed_and_delivered(store, research, workers):
     assert [m.chat_id for m in outbox] == [CHAT]
     assert "Python 3.14 is out." in outbox[0].text and "completed" in outbox[0].text
     assert status["delivery"].startswith(f"queued for chat {CHAT}")
-    listed = (await call("list_promises", {"status": "completed"})).structured_content
+    listed = (await call(mcp, "list_promises", {"status": "completed"})).structured_content
     assert [p["id"] for p in listed["promises"]] == [created["id"]]
 
 
 async def test_cancel_before_it_runs(store, research, workers):
-    created = (await call("create_promise", {"description": "later"})).structured_content
-    cancelled = (await call("cancel_promise", {"promise_id": created["id"]})).structured_content
+    created = (await call(mcp, "create_promise", {"description": "later"})).structured_content
+    cancelled = (
+        await call(mcp, "cancel_promise", {"promise_id": created["id"]})
+    ).structured_content
     assert cancelled["status"] == "cancelled"
-    workers()
-    time.sleep(0.5)
+    drain(workers())
     assert promises.get_promise(store, created["id"]).status == "cancelled"
     assert research.chat_requests == []  # the worker never ran it
-    again = await call("cancel_promise", {"promise_id": created["id"]})
+    again = await call(mcp, "cancel_promise", {"promise_id": created["id"]})
     assert again.is_error and "already cancelled" in texts(again)
 
 
 async def test_cancel_while_running_drops_the_result(store, research, workers):
     research.hang_seconds = 3
     research.fail_next("timeout", path="/v1/chat/completions")
-    created = (await call("create_promise", {"description": "slow question"})).structured_content
-    workers()
+    created = (
+        await call(mcp, "create_promise", {"description": "slow question"})
+    ).structured_content
+    pool = workers()
     wait_for(store, created["id"], {"running"})
-    cancelled = (await call("cancel_promise", {"promise_id": created["id"]})).structured_content
+    cancelled = (
+        await call(mcp, "cancel_promise", {"promise_id": created["id"]})
+    ).structured_content
     assert cancelled["status"] == "cancelled"
-    time.sleep(3.5)  # the hung request ends; the worker must not overwrite the cancellation
+    drain(pool)  # the hung request ends; the worker must not overwrite the cancellation
+    assert len(research.chat_requests) == 1  # the one model call, not repeated
     final = promises.get_promise(store, created["id"])
     assert final.status == "cancelled" and final.result is None
 
@@ -122,22 +136,22 @@ async def test_cancel_while_running_drops_the_result(store, research, workers):
 async def test_failure_is_not_retried(store, research, workers):
     research.fail_next("500", path="/v1/chat/completions")
     created = (
-        await call("create_promise", {"description": "q", "chat_id": CHAT})
+        await call(mcp, "create_promise", {"description": "q", "chat_id": CHAT})
     ).structured_content
-    workers()
+    pool = workers()
     failed = wait_for(store, created["id"], {"completed", "failed"})
     assert failed.status == "failed" and "[upstream_api]" in failed.error
-    time.sleep(0.5)
+    drain(pool)
     assert len(research.chat_requests) == 1  # a side effect is never blindly repeated
     assert "failed" in pending_outbound(store)[0].text
 
 
 async def test_bad_input_and_unknown_ids(store, research):
-    bad_kind = await call("create_promise", {"description": "x", "kind": "shell"})
+    bad_kind = await call(mcp, "create_promise", {"description": "x", "kind": "shell"})
     assert bad_kind.is_error
-    blank = await call("create_promise", {"description": "   "})
+    blank = await call(mcp, "create_promise", {"description": "   "})
     assert blank.is_error and "[input]" in texts(blank)
-    missing = await call("promise_status", {"promise_id": 999})
+    missing = await call(mcp, "promise_status", {"promise_id": 999})
     assert missing.is_error and "No promise with id 999" in texts(missing)
     assert store.query("SELECT COUNT(*) AS n FROM promises")[0]["n"] == 0
 
@@ -145,17 +159,16 @@ async def test_bad_input_and_unknown_ids(store, research):
 async def test_chat_scope_hides_other_chats(store, research, monkeypatch):
     queue = promises.get_queue()
     other = promises.create_promise(store, queue, "theirs", "research", OTHER_CHAT)
-    monkeypatch.setenv("VALOR_CHAT_ID", str(CHAT))
-    reset_settings_cache()
-    own = (await call("create_promise", {"description": "mine"})).structured_content
+    configure(monkeypatch, VALOR_CHAT_ID=str(CHAT))
+    own = (await call(mcp, "create_promise", {"description": "mine"})).structured_content
     assert own["chat_id"] == CHAT
-    widened = await call("create_promise", {"description": "x", "chat_id": OTHER_CHAT})
+    widened = await call(mcp, "create_promise", {"description": "x", "chat_id": OTHER_CHAT})
     assert widened.is_error and "outside it" in texts(widened)
-    listed = (await call("list_promises", {})).structured_content["promises"]
+    listed = (await call(mcp, "list_promises", {})).structured_content["promises"]
     assert [p["id"] for p in listed] == [own["id"]]
-    peek = await call("promise_status", {"promise_id": other.id})
+    peek = await call(mcp, "promise_status", {"promise_id": other.id})
     assert peek.is_error
-    cancel = await call("cancel_promise", {"promise_id": other.id})
+    cancel = await call(mcp, "cancel_promise", {"promise_id": other.id})
     assert cancel.is_error
     assert promises.get_promise(store, other.id).status == "pending"
 
@@ -170,12 +183,9 @@ def start_worker_process():
     )
 
 
-def wait_for_requests(fake, count, timeout=20.0):
+def wait_for_requests(fake, count, timeout=DEADLINE_SECONDS):
     """The worker is inside the (hanging) model call, not merely claiming the promise."""
-    deadline = time.monotonic() + timeout
-    while len(fake.chat_requests) < count:
-        assert time.monotonic() < deadline, "the worker never called the model"
-        time.sleep(0.05)
+    wait_until(lambda: len(fake.chat_requests) >= count, timeout, "the worker calling the model")
 
 
 def crash(worker):
@@ -183,6 +193,7 @@ def crash(worker):
     worker.wait(timeout=10)
 
 
+@pytest.mark.e2e  # `valor worker` subprocesses
 async def test_crashed_worker_is_recovered_once(store, research, workers):
     research.hang_seconds = 20
     research.fail_next("timeout", count=2, path="/v1/chat/completions")
@@ -238,12 +249,12 @@ def test_a_live_worker_is_left_alone(store, research):
 
 
 def test_redis_setting_without_redis_is_a_config_error(monkeypatch):
-    monkeypatch.setenv("VALOR_PROMISE_QUEUE_URL", "postgres://nope")
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_PROMISE_QUEUE_URL="postgres://nope")
     with pytest.raises(promises.ValorError, match="redis://"):
         promises.get_queue()
 
 
+@pytest.mark.e2e
 async def test_claude_code_promise_runs_the_real_cli_with_hosted_tools(
     store, workers, claude_bin, claude_env, fake_anthropic, monkeypatch
 ):
@@ -252,32 +263,31 @@ async def test_claude_code_promise_runs_the_real_cli_with_hosted_tools(
     fake_anthropic.responder = call_tool(
         mcp_tool("daydream-tools", "daydream_history"), {"limit": 3}, "History: {result}"
     )
-    for name, value in claude_env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("VALOR_CLAUDE_BIN", str(claude_bin))
-    monkeypatch.setenv("VALOR_CLAUDE_WORKDIR", str(store.path.parent))
-    monkeypatch.setenv("ENABLE_TOOL_SEARCH", "false")
-    reset_settings_cache()
+    configure(
+        monkeypatch,
+        **claude_env,
+        VALOR_CLAUDE_BIN=str(claude_bin),
+        VALOR_CLAUDE_WORKDIR=str(store.path.parent),
+        ENABLE_TOOL_SEARCH="false",
+    )
     secret = new_secret()
     async with hosted(secret) as base_url:
-        promises.use_hosted_tools(base_url, secret)
-        try:
-            created = (
-                await call(
-                    "create_promise",
-                    {"description": "refactor it", "kind": "claude_code", "chat_id": CHAT},
-                )
-            ).structured_content
-            workers()
-            done = await asyncio.to_thread(
-                wait_for, store, created["id"], {"completed", "failed"}, 90
+        created = (
+            await call(
+                mcp,
+                "create_promise",
+                {"description": "refactor it", "kind": "claude_code", "chat_id": CHAT},
             )
-        finally:
-            promises.use_hosted_tools(None)
+        ).structured_content
+        workers(tools=HostedTools(base_url, secret, tuple(SERVERS)))
+        done = await asyncio.to_thread(wait_for, store, created["id"], {"completed", "failed"}, 120)
     assert done.status == "completed", done.error
     assert done.result.startswith("History: ") and '"sessions"' in done.result
     first = fake_anthropic.main_requests[0]
     assert "refactor it" in json.dumps(first["messages"])
+    offered = {tool["name"] for tool in first.get("tools", [])}
+    assert "mcp__daydream-tools__daydream_history" in offered
+    assert not [name for name in offered if name.startswith("mcp__promise-tools__")]
     rows = store.query("SELECT chat_id, ended_at FROM processes WHERE kind = 'claude-promise'")
     assert [(r["chat_id"], r["ended_at"] is not None) for r in rows] == [(CHAT, True)]
     assert not list((store.path.parent / "run").glob("mcp-*.json"))  # the token file is gone
@@ -303,42 +313,51 @@ async def test_stdio_entries_answer_the_official_client(store, stdio_client_for,
 
 
 async def test_queue_down_loses_nothing(store, research, monkeypatch, workers):
-    monkeypatch.setenv("VALOR_PROMISE_QUEUE_URL", "redis://127.0.0.1:9/0")  # no redis package
-    reset_settings_cache()
-    created = (await call("create_promise", {"description": "kept"})).structured_content
+    configure(monkeypatch, VALOR_PROMISE_QUEUE_URL="redis://127.0.0.1:9/0")  # no redis package
+    created = (await call(mcp, "create_promise", {"description": "kept"})).structured_content
     assert created["status"] == "waiting" and "redis package is missing" in created["note"]
     monkeypatch.delenv("VALOR_PROMISE_QUEUE_URL")
-    reset_settings_cache()
+    configure(monkeypatch)  # settings read afresh, without it
     assert promises.recover_interrupted(store, promises.get_queue()) == [(created["id"], "queued")]
     workers()
     assert wait_for(store, created["id"], {"completed", "failed"}).status == "completed"
 
 
+def ended(pid):
+    """Gone, or a zombie only its parent has yet to reap."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.e2e
 async def test_cancelling_a_claude_code_promise_ends_its_process(
     store, workers, claude_bin, claude_env, fake_anthropic, monkeypatch
 ):
-    fake_anthropic.hang_seconds = 30
+    fake_anthropic.hang_seconds = 120  # hangs past every deadline below: only the cancel ends it
     fake_anthropic.fail_next("timeout", count=10, path="/v1/messages")
-    for name, value in claude_env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("VALOR_CLAUDE_BIN", str(claude_bin))
-    monkeypatch.setenv("VALOR_CLAUDE_WORKDIR", str(store.path.parent))
-    reset_settings_cache()
+    configure(
+        monkeypatch,
+        **claude_env,
+        VALOR_CLAUDE_BIN=str(claude_bin),
+        VALOR_CLAUDE_WORKDIR=str(store.path.parent),
+    )
     created = (
-        await call("create_promise", {"description": "never ends", "kind": "claude_code"})
+        await call(mcp, "create_promise", {"description": "never ends", "kind": "claude_code"})
     ).structured_content
-    workers()
-    deadline = time.monotonic() + 60
-    while not fake_anthropic.message_requests:  # Claude Code is waiting on its model
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    pool = workers()
+    await wait_until_async(  # Claude Code is waiting on its model
+        lambda: fake_anthropic.message_requests,
+        2 * DEADLINE_SECONDS,
+        "Claude Code calling its model",
+    )
     [run] = store.query("SELECT pid FROM processes WHERE kind = 'claude-promise'")
-    cancelled = (await call("cancel_promise", {"promise_id": created["id"]})).structured_content
+    cancelled = (
+        await call(mcp, "cancel_promise", {"promise_id": created["id"]})
+    ).structured_content
     assert cancelled["status"] == "cancelled"
-    deadline = time.monotonic() + 15
-    while psutil.pid_exists(run["pid"]) and psutil.Process(run["pid"]).status() != "zombie":
-        assert time.monotonic() < deadline, "Claude Code still runs after the cancel"
-        time.sleep(0.05)
-    time.sleep(0.3)
+    await wait_until_async(lambda: ended(run["pid"]), DEADLINE_SECONDS, "Claude Code ending")
+    drain(pool)  # the worker finished with the promise: its outcome is recorded (or dropped)
     final = promises.get_promise(store, created["id"])
     assert final.status == "cancelled" and final.result is None

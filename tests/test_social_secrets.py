@@ -8,13 +8,13 @@ import logging
 import pytest
 from fastmcp import Client
 
-from servers.core.settings import reset_settings_cache
 from servers.notion import mcp as notion_mcp
 from servers.social import mcp as social_mcp
 from tests.fakes.base import RecordedRequest, Reply
 from tests.fakes.notion_api import FakeNotion
 from tests.fakes.openai_api import FakeOpenAI, tiny_png
 from tests.social_fakes import only_loopback_connections  # noqa: F401 - autouse fixture
+from tests.support import configure, texts
 
 # Shapes the generic redaction patterns do not know: only Valor's handling protects these.
 OPENAI_KEY = "valor-fake-openai-K3Y-8c1f2e"
@@ -54,9 +54,7 @@ def echoing_services(monkeypatch, valor_env):
             "VALOR_NOTION_MAX_RETRIES": "1",
             "VALOR_LOG_LEVEL": "DEBUG",
         }
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        reset_settings_cache()
+        configure(monkeypatch, **env)
         yield openai_fake, pplx_fake, notion_fake
 
 
@@ -79,7 +77,7 @@ async def test_keys_never_appear_in_errors_or_logs(echoing_services, caplog, sta
         ]:
             result = await client.call_tool(tool, arguments, raise_on_error=False)
             assert result.is_error, tool
-            errors.append(" ".join(getattr(block, "text", "") for block in result.content))
+            errors.append(texts(result))
 
     # The keys really were sent (and echoed), so the absence below is not vacuous.
     assert openai_fake.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"

@@ -11,25 +11,15 @@ import pytest
 from fastmcp import Client
 
 from servers.core import http_guard, openai_services
-from servers.core.settings import reset_settings_cache
 from servers.social import mcp
 from tests.fakes.base import Reply
 from tests.fakes.openai_api import FakeOpenAI, tiny_png
 from tests.social_fakes import article, only_loopback_connections, pages  # noqa: F401
+from tests.support import call, configure, texts
 
 CHAT_A, CHAT_B = 4242, -100777
 SEARCH_TOOLS = {"search_current_info", "create_image", "analyze_shared_image"}
 ALL_TOOLS = SEARCH_TOOLS | {"save_link", "search_links"}
-
-
-def texts(result) -> str:
-    return " ".join(getattr(block, "text", "") for block in result.content)
-
-
-def configure(monkeypatch, **env: str) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    reset_settings_cache()
 
 
 def use_openai(monkeypatch, fake: FakeOpenAI, **extra: str) -> None:
@@ -48,11 +38,6 @@ def use_perplexity(monkeypatch, fake: FakeOpenAI, **extra: str) -> None:
         "VALOR_PERPLEXITY_MAX_RETRIES": "0",
     }
     configure(monkeypatch, **(env | extra))
-
-
-async def call(tool: str, arguments: dict):
-    async with Client(mcp) as client:
-        return await client.call_tool(tool, arguments, raise_on_error=False)
 
 
 def media_dir(valor_env):
@@ -80,7 +65,7 @@ async def test_search_returns_the_answer_with_numbered_citations(monkeypatch, fa
     fake_openai.chat_reply = "Python 3.14 was released in October 2025 [1][2]."
     fake_openai.citations = ["https://python.org/news", "https://lwn.net/a", "https://c.example"]
     use_perplexity(monkeypatch, fake_openai, VALOR_PERPLEXITY_MODEL="sonar-pro")
-    result = await call("search_current_info", {"query": "latest python", "max_results": 2})
+    result = await call(mcp, "search_current_info", {"query": "latest python", "max_results": 2})
     data = result.structured_content
     assert data["answer"].startswith("Python 3.14")
     assert data["citations"] == [
@@ -98,7 +83,7 @@ async def test_search_retries_a_429_after_retry_after_then_answers(monkeypatch, 
     fake_openai.citations = ["https://a.example"]
     use_perplexity(monkeypatch, fake_openai, VALOR_PERPLEXITY_MAX_RETRIES="2")
     fake_openai.fail_next("429", retry_after=0.3)
-    result = await call("search_current_info", {"query": "weather"})
+    result = await call(mcp, "search_current_info", {"query": "weather"})
     assert not result.is_error
     assert len(fake_openai.chat_requests) == 2
 
@@ -119,14 +104,14 @@ async def test_search_retries_a_429_after_retry_after_then_answers(monkeypatch, 
 async def test_search_failures_are_categorized(monkeypatch, fake_openai, failure, category, words):
     use_perplexity(monkeypatch, fake_openai, VALOR_PERPLEXITY_TIMEOUT_SECONDS="0.5")
     fake_openai.fail_next(failure, count=5, retry_after=7 if failure == "429" else None)
-    result = await call("search_current_info", {"query": "anything"})
+    result = await call(mcp, "search_current_info", {"query": "anything"})
     assert result.is_error
     assert texts(result).startswith(f"[{category}]")
     assert words in texts(result)
 
 
 async def test_search_needs_a_key_and_says_which(monkeypatch):
-    result = await call("search_current_info", {"query": "anything"})
+    result = await call(mcp, "search_current_info", {"query": "anything"})
     assert result.is_error
     assert texts(result) == "[config] Perplexity is not configured: set PERPLEXITY_API_KEY."
 
@@ -136,7 +121,7 @@ async def test_a_rejected_key_is_a_config_error():
         mp = pytest.MonkeyPatch()
         try:
             use_perplexity(mp, fake)
-            result = await call("search_current_info", {"query": "x"})
+            result = await call(mcp, "search_current_info", {"query": "x"})
         finally:
             mp.undo()
     assert texts(result) == "[config] Perplexity rejected the API key: check PERPLEXITY_API_KEY."
@@ -144,7 +129,7 @@ async def test_a_rejected_key_is_a_config_error():
 
 async def test_search_rejects_empty_queries(monkeypatch, fake_openai):
     use_perplexity(monkeypatch, fake_openai)
-    result = await call("search_current_info", {"query": ""})
+    result = await call(mcp, "search_current_info", {"query": ""})
     assert result.is_error and fake_openai.requests == []
 
 
@@ -155,7 +140,9 @@ async def test_create_image_writes_a_png_into_the_media_directory(
     fake_openai.image = tiny_png(8, 6)
     use_openai(monkeypatch, fake_openai)
     result = await call(
-        "create_image", {"prompt": "a lighthouse at dusk", "quality": "high", "style": "natural"}
+        mcp,
+        "create_image",
+        {"prompt": "a lighthouse at dusk", "quality": "high", "style": "natural"},
     )
     data = result.structured_content
     path = os.path.realpath(data["path"])
@@ -179,7 +166,7 @@ async def test_create_image_writes_a_png_into_the_media_directory(
 
 async def test_create_image_with_gpt_image_sends_no_response_format(monkeypatch, fake_openai):
     use_openai(monkeypatch, fake_openai, VALOR_OPENAI_IMAGE_MODEL="gpt-image-1")
-    result = await call("create_image", {"prompt": "a cat", "quality": "high"})
+    result = await call(mcp, "create_image", {"prompt": "a cat", "quality": "high"})
     assert not result.is_error
     sent = fake_openai.requests_to("/v1/images/generations")[0].json()
     assert "response_format" not in sent and "style" not in sent
@@ -194,12 +181,12 @@ async def test_an_image_url_reply_is_downloaded_through_the_guard(monkeypatch, f
         lambda request: {"created": 1, "data": [{"url": f"{fake_openai.url}/files/x.png"}]},
     )
     use_openai(monkeypatch, fake_openai)
-    refused = await call("create_image", {"prompt": "a cat"})
+    refused = await call(mcp, "create_image", {"prompt": "a cat"})
     assert refused.is_error and "[input]" in texts(refused) and "loopback" in texts(refused)
     assert fake_openai.requests_to("/files/") == []
     port = int(fake_openai.url.rsplit(":", 1)[1])
     with http_guard.allow_loopback_ports_for_tests(port):
-        allowed = await call("create_image", {"prompt": "a cat"})
+        allowed = await call(mcp, "create_image", {"prompt": "a cat"})
     assert not allowed.is_error
     assert allowed.structured_content["size_bytes"] == len(fake_openai.image)
 
@@ -207,18 +194,18 @@ async def test_an_image_url_reply_is_downloaded_through_the_guard(monkeypatch, f
 async def test_create_image_refuses_a_non_image_reply(monkeypatch, fake_openai):
     fake_openai.image = b"<html>not an image</html>"
     use_openai(monkeypatch, fake_openai)
-    result = await call("create_image", {"prompt": "a cat"})
+    result = await call(mcp, "create_image", {"prompt": "a cat"})
     assert texts(result) == "[upstream_api] The image service returned data that is not an image."
 
 
 async def test_create_image_errors(monkeypatch, fake_openai):
-    no_key = await call("create_image", {"prompt": "a cat"})
+    no_key = await call(mcp, "create_image", {"prompt": "a cat"})
     assert texts(no_key) == "[config] OpenAI is not configured: set OPENAI_API_KEY."
     use_openai(monkeypatch, fake_openai)
     fake_openai.fail_next("429", retry_after=30)
-    limited = await call("create_image", {"prompt": "a cat"})
+    limited = await call(mcp, "create_image", {"prompt": "a cat"})
     assert texts(limited).startswith("[rate_limit]") and "Retry after 30 s" in texts(limited)
-    bad_size = await call("create_image", {"prompt": "a cat", "size": "7x7"})
+    bad_size = await call(mcp, "create_image", {"prompt": "a cat", "size": "7x7"})
     assert (
         bad_size.is_error
         and fake_openai.requests_to("/v1/images")
@@ -243,7 +230,7 @@ async def test_image_generation_failures_are_categorized(
 ):
     use_openai(monkeypatch, fake_openai, VALOR_OPENAI_TIMEOUT_SECONDS="0.5")
     fake_openai.fail_next(failure, count=3)
-    result = await call("create_image", {"prompt": "a cat"})
+    result = await call(mcp, "create_image", {"prompt": "a cat"})
     assert texts(result).startswith(f"[{category}]"), texts(result)
     generated = valor_env / "media" / "generated"
     assert not generated.exists() or not any(generated.iterdir())  # nothing half-written
@@ -256,7 +243,7 @@ async def test_a_refused_prompt_is_an_input_error_with_the_reason(monkeypatch, f
         lambda request: fake_openai.error(400, "Your request was rejected by the safety system."),
     )
     use_openai(monkeypatch, fake_openai)
-    result = await call("create_image", {"prompt": "something refused"})
+    result = await call(mcp, "create_image", {"prompt": "something refused"})
     assert texts(result) == (
         "[input] OpenAI refused the request: Your request was rejected by the safety system."
     )
@@ -264,9 +251,9 @@ async def test_a_refused_prompt_is_an_input_error_with_the_reason(monkeypatch, f
 
 async def test_create_image_respects_the_fixed_chat(monkeypatch, fake_openai):
     use_openai(monkeypatch, fake_openai, VALOR_CHAT_ID=str(CHAT_A))
-    other = await call("create_image", {"prompt": "a cat", "chat_id": CHAT_B})
+    other = await call(mcp, "create_image", {"prompt": "a cat", "chat_id": CHAT_B})
     assert other.is_error and "outside it" in texts(other)
-    own = await call("create_image", {"prompt": "a cat"})
+    own = await call(mcp, "create_image", {"prompt": "a cat"})
     assert own.structured_content["chat_id"] == CHAT_A
     assert fake_openai.requests_to("/v1/images") and len(fake_openai.requests_to("/v1/images")) == 1
 
@@ -280,10 +267,10 @@ async def test_a_question_and_a_description_get_different_prompts(
     use_openai(monkeypatch, fake_openai, VALOR_OPENAI_VISION_MODEL="gpt-4o-vision-test")
     fake_openai.chat_reply = "The lighthouse is red."
     asked = await call(
-        "analyze_shared_image", {"image_path": "photo.png", "question": "What colour is it?"}
+        mcp, "analyze_shared_image", {"image_path": "photo.png", "question": "What colour is it?"}
     )
     described = await call(
-        "analyze_shared_image", {"image_path": str(valor_env / "media" / "photo.png")}
+        mcp, "analyze_shared_image", {"image_path": str(valor_env / "media" / "photo.png")}
     )
     assert asked.structured_content["mode"] == "question"
     assert asked.structured_content["analysis"] == "The lighthouse is red."
@@ -302,7 +289,7 @@ async def test_a_question_and_a_description_get_different_prompts(
 async def test_the_type_comes_from_the_bytes_not_the_name(monkeypatch, fake_openai, valor_env):
     (media_dir(valor_env) / "really-a-gif.png").write_bytes(b"GIF89a" + b"\x01\x00\x01\x00" * 4)
     use_openai(monkeypatch, fake_openai)
-    result = await call("analyze_shared_image", {"image_path": "really-a-gif.png"})
+    result = await call(mcp, "analyze_shared_image", {"image_path": "really-a-gif.png"})
     assert result.structured_content["mime_type"] == "image/gif"
     url = fake_openai.chat_requests[0]["messages"][1]["content"][1]["image_url"]["url"]
     assert url.startswith("data:image/gif;base64,")
@@ -349,7 +336,7 @@ async def test_bad_image_paths_and_files_are_refused_before_any_upload(
     use_openai(monkeypatch, fake_openai, VALOR_IMAGE_MAX_BYTES="4096")
     if image_path == "OUTSIDE_ABSOLUTE":
         image_path = str(outside / "secret.png")
-    result = await call("analyze_shared_image", {"image_path": image_path, "question": "?"})
+    result = await call(mcp, "analyze_shared_image", {"image_path": image_path, "question": "?"})
     assert result.is_error
     assert texts(result).startswith(f"[{category}]"), texts(result)
     assert words in texts(result)
@@ -359,7 +346,7 @@ async def test_bad_image_paths_and_files_are_refused_before_any_upload(
 
 async def test_analysis_without_a_key_says_what_to_set(valor_env):
     (media_dir(valor_env) / "photo.png").write_bytes(tiny_png())
-    result = await call("analyze_shared_image", {"image_path": "photo.png"})
+    result = await call(mcp, "analyze_shared_image", {"image_path": "photo.png"})
     assert texts(result) == "[config] OpenAI is not configured: set OPENAI_API_KEY."
 
 
@@ -379,7 +366,7 @@ async def test_vision_failures_are_categorized(
     (media_dir(valor_env) / "photo.png").write_bytes(tiny_png())
     use_openai(monkeypatch, fake_openai, VALOR_OPENAI_TIMEOUT_SECONDS="0.5")
     fake_openai.fail_next(failure, count=3)
-    result = await call("analyze_shared_image", {"image_path": "photo.png"})
+    result = await call(mcp, "analyze_shared_image", {"image_path": "photo.png"})
     assert texts(result).startswith(f"[{category}]"), texts(result)
 
 
@@ -400,7 +387,7 @@ async def test_save_link_extracts_summarizes_and_searches(reachable, store):
             description="How one team found slow database calls with distributed tracing.",
         ),
     )
-    saved = await call("save_link", {"url": url + "#comments", "chat_id": CHAT_A})
+    saved = await call(mcp, "save_link", {"url": url + "#comments", "chat_id": CHAT_A})
     data = saved.structured_content
     assert data["url"] == url  # the fragment is not part of the saved link
     assert data["title"] == "Tracing in practice"
@@ -410,27 +397,29 @@ async def test_save_link_extracts_summarizes_and_searches(reachable, store):
     assert data["created"] is True
     assert "Cookie settings" not in data["summary"]
 
-    found = await call("search_links", {"query": "database", "chat_id": CHAT_A})
+    found = await call(mcp, "search_links", {"query": "database", "chat_id": CHAT_A})
     hits = found.structured_content["hits"]
     assert [hit["url"] for hit in hits] == [url]
     assert "[database]" in hits[0]["snippet"]
-    nothing = await call("search_links", {"query": "kubernetes", "chat_id": CHAT_A})
+    nothing = await call(mcp, "search_links", {"query": "kubernetes", "chat_id": CHAT_A})
     assert nothing.structured_content["hits"] == []
 
 
 async def test_saving_the_same_url_again_updates_it(reachable, store):
     url = reachable.html("post", article("First title", description="The first version " * 4))
-    first = await call("save_link", {"url": url, "chat_id": CHAT_A})
+    first = await call(mcp, "save_link", {"url": url, "chat_id": CHAT_A})
     reachable.html("post", article("Second title", description="The revised version " * 4))
-    second = await call("save_link", {"url": url.replace("http://", "HTTP://"), "chat_id": CHAT_A})
+    second = await call(
+        mcp, "save_link", {"url": url.replace("http://", "HTTP://"), "chat_id": CHAT_A}
+    )
     assert first.structured_content["created"] is True
     assert second.structured_content["created"] is False
     assert second.structured_content["saved_at"] == first.structured_content["saved_at"]
     rows = store.query("SELECT title FROM links")
     assert [row["title"] for row in rows] == ["Second title"]
-    found = await call("search_links", {"query": "first", "chat_id": CHAT_A})
+    found = await call(mcp, "search_links", {"query": "first", "chat_id": CHAT_A})
     assert found.structured_content["hits"] == []  # the index was updated too
-    found = await call("search_links", {"query": "revised", "chat_id": CHAT_A})
+    found = await call(mcp, "search_links", {"query": "revised", "chat_id": CHAT_A})
     assert len(found.structured_content["hits"]) == 1
 
 
@@ -440,7 +429,7 @@ async def test_a_configured_model_writes_the_summary(reachable, store, monkeypat
         {"summary": "A field report on tracing slow queries.", "tags": ["tracing", "sql, db"]}
     )
     url = reachable.html("post", article("Tracing"))
-    result = await call("save_link", {"url": url, "chat_id": CHAT_A})
+    result = await call(mcp, "save_link", {"url": url, "chat_id": CHAT_A})
     data = result.structured_content
     assert (data["summary"], data["summary_source"]) == (
         "A field report on tracing slow queries.",
@@ -461,7 +450,7 @@ async def test_a_failing_model_still_saves_the_link(
     url = reachable.html(
         "post", article("Tracing", description="A page summary that is long enough to use.")
     )
-    result = await call("save_link", {"url": url})
+    result = await call(mcp, "save_link", {"url": url})
     data = result.structured_content
     assert data["summary_source"] == "extractive"
     assert data["summary"] == "A page summary that is long enough to use."
@@ -471,12 +460,12 @@ async def test_a_failing_model_still_saves_the_link(
 
 async def test_unusable_pages_are_not_saved(reachable, store):
     empty = reachable.html("empty", "<html><head></head><body><script>app()</script></body></html>")
-    result = await call("save_link", {"url": empty})
+    result = await call(mcp, "save_link", {"url": empty})
     assert texts(result).startswith("[encoding]") and "no readable article text" in texts(result)
     reachable.pages["pdf"] = Reply(body=b"%PDF-1.7", headers={"Content-Type": "application/pdf"})
-    pdf = await call("save_link", {"url": f"{reachable.url}/pdf"})
+    pdf = await call(mcp, "save_link", {"url": f"{reachable.url}/pdf"})
     assert texts(pdf).startswith("[input]") and "application/pdf" in texts(pdf)
-    missing = await call("save_link", {"url": f"{reachable.url}/gone"})
+    missing = await call(mcp, "save_link", {"url": f"{reachable.url}/gone"})
     assert texts(missing).startswith("[input]") and "HTTP 404" in texts(missing)
     assert store.query("SELECT count(*) AS n FROM links")[0]["n"] == 0
 
@@ -485,24 +474,24 @@ async def test_site_failures_while_saving_are_categorized(reachable, store, monk
     configure(monkeypatch, VALOR_LINK_FETCH_TIMEOUT_SECONDS="0.5")
     url = reachable.html("post", article("Slow"))
     reachable.fail_next("timeout", path="/post")
-    slow = await call("save_link", {"url": url})
+    slow = await call(mcp, "save_link", {"url": url})
     reachable.fail_next("429", path="/post", retry_after=60)
-    limited = await call("save_link", {"url": url})
+    limited = await call(mcp, "save_link", {"url": url})
     reachable.fail_next("503", path="/post")
-    down = await call("save_link", {"url": url})
+    down = await call(mcp, "save_link", {"url": url})
     reachable.fail_next("disconnect", path="/post")
-    dropped = await call("save_link", {"url": url})
+    dropped = await call(mcp, "save_link", {"url": url})
     reachable.pages["garbage"] = Reply(
         body=bytes(range(256)) * 20, headers={"Content-Type": "text/html; charset=utf-8"}
     )
-    garbage = await call("save_link", {"url": f"{reachable.url}/garbage"})
+    garbage = await call(mcp, "save_link", {"url": f"{reachable.url}/garbage"})
     assert texts(slow).startswith("[timeout]")
     assert texts(limited).startswith("[rate_limit]")
     assert texts(down).startswith("[upstream_api]") and "HTTP 503" in texts(down)
     assert texts(dropped).startswith("[upstream_api]")
     assert texts(garbage).startswith("[encoding]")
     assert store.query("SELECT count(*) AS n FROM links")[0]["n"] == 0
-    saved = await call("save_link", {"url": url})  # the site recovered: nothing was lost
+    saved = await call(mcp, "save_link", {"url": url})  # the site recovered: nothing was lost
     assert saved.structured_content["title"] == "Slow"
 
 
@@ -525,7 +514,7 @@ async def test_dangerous_links_are_refused_before_any_connection(
 ):
     if url == "LOOPBACK_PAGE_SERVER":  # a real page on 127.0.0.1, but no allowance: refused
         url = pages.html("post", article("Internal"))
-    result = await call("save_link", {"url": url})
+    result = await call(mcp, "save_link", {"url": url})
     assert result.is_error and texts(result).startswith("[input]"), texts(result)
     assert words in texts(result)
     assert only_loopback_connections.attempts == []
@@ -544,7 +533,7 @@ async def test_a_public_looking_link_that_redirects_inside_is_refused(
         lambda host, p: {"public.example": ["127.0.0.1"]}[host],
     )
     reachable.redirect("innocent", "http://169.254.169.254/latest/meta-data/")
-    result = await call("save_link", {"url": f"http://public.example:{port}/innocent"})
+    result = await call(mcp, "save_link", {"url": f"http://public.example:{port}/innocent"})
     assert texts(result).startswith("[input]") and "metadata" in texts(result)
     assert len(reachable.requests) == 1
     assert {address[0] for address in only_loopback_connections.attempts} == {"127.0.0.1"}
@@ -554,23 +543,23 @@ async def test_a_public_looking_link_that_redirects_inside_is_refused(
 async def test_links_are_scoped_to_the_chat(reachable, store, monkeypatch):
     url_a = reachable.html("a", article("Alpha tracing notes", description="Alpha " * 10))
     url_b = reachable.html("b", article("Beta tracing notes", description="Beta " * 10))
-    await call("save_link", {"url": url_a, "chat_id": CHAT_A})
-    await call("save_link", {"url": url_b, "chat_id": CHAT_B})
-    everywhere = await call("search_links", {"query": "tracing"})
+    await call(mcp, "save_link", {"url": url_a, "chat_id": CHAT_A})
+    await call(mcp, "save_link", {"url": url_b, "chat_id": CHAT_B})
+    everywhere = await call(mcp, "search_links", {"query": "tracing"})
     assert {hit["chat_id"] for hit in everywhere.structured_content["hits"]} == {CHAT_A, CHAT_B}
 
     configure(monkeypatch, VALOR_CHAT_ID=str(CHAT_A))
-    own = await call("search_links", {"query": "tracing"})
+    own = await call(mcp, "search_links", {"query": "tracing"})
     assert [hit["url"] for hit in own.structured_content["hits"]] == [url_a]
-    widened = await call("search_links", {"query": "tracing", "chat_id": CHAT_B})
+    widened = await call(mcp, "search_links", {"query": "tracing", "chat_id": CHAT_B})
     assert widened.is_error and "outside it" in texts(widened)
-    saved_elsewhere = await call("save_link", {"url": url_b, "chat_id": CHAT_B})
+    saved_elsewhere = await call(mcp, "save_link", {"url": url_b, "chat_id": CHAT_B})
     assert saved_elsewhere.is_error and "outside it" in texts(saved_elsewhere)
 
 
 @pytest.mark.parametrize("query", ['"unclosed', "(tracing", "AND OR"])
 async def test_malformed_link_searches_are_input_errors(store, query):
-    result = await call("search_links", {"query": query})
+    result = await call(mcp, "search_links", {"query": query})
     assert texts(result).startswith("[input]")
 
 

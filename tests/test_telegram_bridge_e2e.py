@@ -7,12 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from bridge.live import live_reply_factory
 from bridge.memory import MemoryTransport, incoming
 from bridge.pipeline import Bridge
 from bridge.rate import Limits, RateController
-from servers.core.settings import get_settings, reset_settings_cache
+from servers.core.settings import get_settings
 from tests.fakes import call_tool, mcp_tool
+from tests.support import configure
+
+pytestmark = pytest.mark.e2e  # the real Claude Code CLI
 
 OWNER, CHAT = 1, 4242
 
@@ -20,12 +25,14 @@ OWNER, CHAT = 1, 4242
 async def test_image_made_during_the_run_is_uploaded_with_the_answer(
     store, claude_bin, claude_env, fake_anthropic, fake_openai, monkeypatch
 ):
-    monkeypatch.setenv("VALOR_ALLOWED_USER_IDS", json.dumps([OWNER]))
-    monkeypatch.setenv("VALOR_CLAUDE_BIN", str(claude_bin))
-    monkeypatch.setenv("VALOR_CLAUDE_MAX_RETRIES", "0")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai-key")
-    monkeypatch.setenv("VALOR_OPENAI_BASE_URL", f"{fake_openai.url}/v1")
-    reset_settings_cache()
+    configure(
+        monkeypatch,
+        VALOR_ALLOWED_USER_IDS=json.dumps([OWNER]),
+        VALOR_CLAUDE_BIN=str(claude_bin),
+        VALOR_CLAUDE_MAX_RETRIES="0",
+        OPENAI_API_KEY="sk-test-openai-key",
+        VALOR_OPENAI_BASE_URL=f"{fake_openai.url}/v1",
+    )
     fake_anthropic.responder = call_tool(
         mcp_tool("social-tools", "create_image"), {"prompt": "a red square"}, "Here is **it**."
     )

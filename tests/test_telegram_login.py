@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from bridge import login
 from scheduler.cli import app
 from servers.core.errors import Category, ValorError
-from servers.core.settings import get_settings, reset_settings_cache
+from servers.core.settings import get_settings
+from tests.support import configure
 
 
 def test_login_needs_api_id_and_hash():
@@ -21,9 +22,7 @@ def test_login_needs_api_id_and_hash():
 
 
 def test_login_reads_api_id_and_hash(monkeypatch):
-    monkeypatch.setenv("TELEGRAM_API_ID", "12345")
-    monkeypatch.setenv("TELEGRAM_API_HASH", "abcdef0123456789")
-    reset_settings_cache()
+    configure(monkeypatch, TELEGRAM_API_ID="12345", TELEGRAM_API_HASH="abcdef0123456789")
     assert login.check_login_settings(get_settings()) == (12345, "abcdef0123456789")
 
 
@@ -62,9 +61,7 @@ def test_cli_login_without_credentials_says_what_to_set():
 
 
 def test_cli_login_stores_the_session_without_printing_it(monkeypatch, tmp_path: Path):
-    monkeypatch.setenv("TELEGRAM_API_ID", "12345")
-    monkeypatch.setenv("TELEGRAM_API_HASH", "abcdef0123456789")
-    reset_settings_cache()
+    configure(monkeypatch, TELEGRAM_API_ID="12345", TELEGRAM_API_HASH="abcdef0123456789")
     asked = []
 
     async def network_login(api_id, api_hash, *, phone, code, password):

@@ -38,6 +38,30 @@ def _max_in_any_window(times: list[float], period: float) -> int:
     return max(sum(1 for t in times if start <= t < start + period) for start in times)
 
 
+async def _granted_at_once(rate: RateController, chat_id: int, **options) -> bool:
+    """Whether ``acquire`` returns without waiting: it needs one turn of the event loop then,
+    however slow the machine is."""
+    attempt = asyncio.create_task(rate.acquire(chat_id, **options))
+    await asyncio.sleep(0)
+    granted = attempt.done()
+    await attempt
+    return granted
+
+
+class PausedClock:
+    """Monotonic time that stands still until ``resume()``: no window can free up meanwhile,
+    so the order of waiters cannot depend on how fast the test reaches its next line."""
+
+    def __init__(self) -> None:
+        self._paused_at: float | None = time.monotonic()
+
+    def __call__(self) -> float:
+        return self._paused_at if self._paused_at is not None else time.monotonic()
+
+    def resume(self) -> None:
+        self._paused_at = None
+
+
 async def test_one_chat_is_spaced_by_its_window():
     limits = Limits(time_scale=0.02, margin=0.1)  # one call per 22 ms in a chat
     rate = RateController(limits)
@@ -76,19 +100,19 @@ async def test_group_minute_budget_binds_after_the_burst():
 
 async def test_flood_wait_blocks_only_that_chat():
     rate = RateController(Limits(time_scale=0.01))
-    rate.flood_wait(7, 0.3)
-    assert rate.blocked_for(7) > 0.25 and rate.blocked_for(8) == 0
     start = time.monotonic()
-    await rate.acquire(8)
-    assert time.monotonic() - start < 0.1  # another chat goes straight through
+    rate.flood_wait(7, 0.3)
+    assert rate.blocked_for(7) > 0 and rate.blocked_for(8) == 0
+    assert await _granted_at_once(rate, 8)  # another chat goes straight through
     await rate.acquire(7)
-    assert time.monotonic() - start >= 0.29
+    assert time.monotonic() - start >= 0.3 * 0.99
     assert rate.flood_waits(7) == 1 and rate.flood_waits(8) == 0
 
 
 async def test_final_answers_go_before_waiting_edits():
-    rate = RateController(Limits(global_per_second=1, time_scale=0.05, margin=0.0))
-    await rate.acquire(1)  # the global window (1 per 50 ms) is now full
+    clock = PausedClock()
+    rate = RateController(Limits(global_per_second=1, time_scale=0.05, margin=0.0), clock=clock)
+    await rate.acquire(1)  # the global window (1 per 50 ms) is full until the clock resumes
     order: list[str] = []
 
     async def one(chat: int, priority: int, name: str) -> None:
@@ -96,8 +120,10 @@ async def test_final_answers_go_before_waiting_edits():
         order.append(name)
 
     edits = [asyncio.create_task(one(10 + i, PRIORITY_EDIT, f"edit{i}")) for i in range(3)]
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0)  # the edits start waiting
     final = asyncio.create_task(one(20, PRIORITY_FINAL, "final"))
+    await asyncio.sleep(0)  # and so does the final
+    clock.resume()
     await asyncio.gather(*edits, final)
     assert order[0] == "final"
 
@@ -106,11 +132,9 @@ async def test_cancelled_waiter_does_not_stall_the_line():
     rate = RateController(Limits(global_per_second=1, time_scale=0.05, margin=0.0))
     await rate.acquire(1)
     doomed = asyncio.create_task(rate.acquire(2))
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0)  # it starts waiting
     doomed.cancel()
-    start = time.monotonic()
-    await asyncio.wait_for(rate.acquire(3), 1.0)
-    assert time.monotonic() - start < 0.2
+    await asyncio.wait_for(rate.acquire(3), 30)  # a stalled line would never admit it
 
 
 def test_a_slot_counts_from_when_its_call_finished():
@@ -129,11 +153,9 @@ async def test_previews_leave_a_groups_last_slots_to_the_final():
 
     limits = Limits(per_chat_per_second=10, group_per_minute=4, time_scale=0.005, margin=0.0)
     rate = RateController(limits)  # group: 4 per 0.3 s, so previews may use 2 of them
+    start = time.monotonic()
     for _ in range(2):
         await rate.acquire(-1, is_group=True, priority=PRIORITY_EDIT)
-    start = time.monotonic()
-    await rate.acquire(-1, is_group=True, priority=FINAL)  # the reserve: no waiting
-    assert time.monotonic() - start < 0.1
-    start = time.monotonic()
+    assert await _granted_at_once(rate, -1, is_group=True, priority=FINAL)  # the reserve
     await rate.acquire(-1, is_group=True, priority=PRIORITY_EDIT)  # a third preview waits
-    assert time.monotonic() - start >= 0.2
+    assert time.monotonic() - start >= 0.3 * 0.99  # for the second preview to leave the window

@@ -12,10 +12,11 @@ from fastmcp.client.transports import StreamableHttpTransport
 
 from servers.core import history
 from servers.core.history import Message
-from servers.core.settings import REPO_ROOT, reset_settings_cache
+from servers.core.settings import REPO_ROOT
 from servers.core.trust import mint_scope_token, new_secret
 from servers.hosting import endpoint, hosted
 from servers.telegram import mcp
+from tests.support import configure, texts
 
 CHAT_A, CHAT_B = 1001, -100200
 
@@ -33,10 +34,6 @@ def seed(store, now=None):
             Message(CHAT_B, 1, "secret plans for billing in chat B", "mallory", 3, "in", now - 50),
         ],
     )
-
-
-def texts(result):
-    return " ".join(getattr(block, "text", "") for block in result.content)
 
 
 async def test_search_ranks_and_snippets(store):
@@ -116,8 +113,7 @@ async def test_interactive_use_requires_chat_id(store):
 
 async def test_fixed_chat_cannot_be_widened(store, monkeypatch):
     seed(store)
-    monkeypatch.setenv("VALOR_CHAT_ID", str(CHAT_A))
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_CHAT_ID=str(CHAT_A))
     async with Client(mcp) as client:
         own = await client.call_tool("search_conversation_history", {"query": "billing"})
         other = await client.call_tool(
@@ -141,8 +137,7 @@ async def test_fixed_chat_cannot_be_widened(store, monkeypatch):
 
 
 async def test_context_is_ordered_and_bounded(store, monkeypatch):
-    monkeypatch.setenv("VALOR_HISTORY_MAX_CHARS", "3000")
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_HISTORY_MAX_CHARS="3000")
     now = time.time()
     history.record_messages(
         store,

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from bridge.telegram import (
 )
 from bridge.transport import SentMessage, Transport
 from servers.core.errors import Category, ValorError
-from servers.core.settings import get_settings, reset_settings_cache
+from servers.core.settings import get_settings
+from tests.support import configure, wait_until_async
 
 ME = 999
 ANN = types.User(id=42, access_hash=1, first_name="Ann", last_name="Lee")
@@ -38,10 +40,12 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 
 @pytest.fixture
 def telegram_env(monkeypatch):
-    monkeypatch.setenv("TELEGRAM_API_ID", "12345")
-    monkeypatch.setenv("TELEGRAM_API_HASH", "0123456789abcdef0123456789abcdef")
-    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123456:" + "A" * 35)
-    reset_settings_cache()
+    configure(
+        monkeypatch,
+        TELEGRAM_API_ID="12345",
+        TELEGRAM_API_HASH="0123456789abcdef0123456789abcdef",
+        TELEGRAM_BOT_TOKEN="123456:" + "A" * 35,
+    )
     return get_settings()
 
 
@@ -350,17 +354,13 @@ def test_client_is_built_without_network(telegram_env):
 
 
 def test_missing_credentials_are_config_errors(monkeypatch):
-    reset_settings_cache()
     with pytest.raises(ValorError) as caught:
         build_client(get_settings())
     assert caught.value.category is Category.CONFIG and "TELEGRAM_API_ID" in str(caught.value)
-    monkeypatch.setenv("TELEGRAM_API_ID", "1")
-    monkeypatch.setenv("TELEGRAM_API_HASH", "abcdef")
-    reset_settings_cache()
+    configure(monkeypatch, TELEGRAM_API_ID="1", TELEGRAM_API_HASH="abcdef")
     with pytest.raises(ValorError, match="valor login"):
         build_client(get_settings())
-    monkeypatch.setenv("TELEGRAM_SESSION", "not-a-session")
-    reset_settings_cache()
+    configure(monkeypatch, TELEGRAM_SESSION="not-a-session")
     with pytest.raises(ValorError, match="not a valid"):
         build_client(get_settings())
 
@@ -413,9 +413,11 @@ async def test_live_reply_through_the_transport_honours_telethon_flood_waits(out
     rate = RateController(Limits(time_scale=0.02))
     live = LiveReply(transport, 42, 7, rate=rate)
     double.raises = [errors.FloodWaitError(request=None, capture=1)]  # the first preview
+    asked_at = time.monotonic()
     await live.text("**partial**")
-    await asyncio.sleep(0.05)
-    assert live.flood_waits == 1 and rate.blocked_for(42) > 0.5
+    await wait_until_async(lambda: live.flood_waits == 1)
+    blocked_until = time.monotonic() + rate.blocked_for(42)
+    assert blocked_until - asked_at >= 0.99  # the whole second Telegram asked for
     await live.finish("**final** answer")
     await live.settled()
     calls = [c[0] for c in double.calls]

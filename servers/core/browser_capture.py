@@ -16,10 +16,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from servers.core import screenshots
 from servers.core.errors import Category, ValorError
+
+if TYPE_CHECKING:
+    from servers.core.settings import Settings
 
 # No sandbox: root in containers cannot use Chromium's; no background traffic, no updates.
 CHROMIUM_ARGS = (
@@ -32,7 +35,7 @@ CHROMIUM_ARGS = (
 )
 
 
-def chromium_executable(settings: Any = None) -> str:
+def chromium_executable(settings: Settings | None = None) -> str:
     from servers.core.settings import get_settings
 
     configured = (settings or get_settings()).browser_executable
@@ -61,7 +64,7 @@ def capture(
     height: int = 800,
     full_page: bool = False,
     timeout_seconds: float = 30.0,
-    settings: Any = None,
+    settings: Settings | None = None,
 ) -> Path:
     """Screenshot ``url`` into ``target_dir``; returns the new file's path."""
     if not url.startswith(("http://", "https://", "file://")):

@@ -20,10 +20,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from servers.core import screenshots
 from servers.core.errors import Category, ValorError
+
+if TYPE_CHECKING:
+    from servers.core.settings import Settings
 
 log = logging.getLogger("valor.bug_reports")
 
@@ -170,7 +173,7 @@ async def run_bug_report(
     *,
     chat_id: int | None = None,
     progress: ProgressCallback | None = None,
-    settings: Any = None,
+    settings: Settings | None = None,
     runner: Any = None,
     heartbeat_seconds: float = HEARTBEAT_SECONDS,
 ) -> BugReport:
@@ -269,7 +272,7 @@ async def run_bug_report(
     return report
 
 
-def deliver(report: BugReport, chat_id: int, settings: Any) -> str:
+def deliver(report: BugReport, chat_id: int, settings: Settings) -> str:
     """Queue the report (and its screenshot) in the bridge's outbox; says what happened."""
     from servers.core.outbox import enqueue_outbound
     from servers.core.store import get_store

@@ -8,19 +8,19 @@ Nothing is ever chosen by name. Temporary files are removed only inside Valor's 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from servers.core.health import LONG_RUNNING_KINDS
+from servers.core.health import LONG_RUNNING_KINDS, is_stale
 from servers.core.processes import (
-    RegisteredProcess,
+    caller_and_ancestors,
+    end_process_tree_blocking,
     mark_process_ended,
+    matching_process,
     running_registrations,
     same_start,
 )
@@ -74,84 +74,15 @@ class CleanupReport(BaseModel):
 
 
 # -- processes -----------------------------------------------------------------------------------
-def _protected_pids() -> set[int]:
-    """This process and its ancestors: cleanup never ends whatever is running it."""
-    import psutil
-
-    protected = {os.getpid()}
-    with contextlib.suppress(psutil.Error):
-        protected.update(parent.pid for parent in psutil.Process().parents())
-    return protected
-
-
-def _gone_or_zombie(process) -> bool:  # psutil.Process
-    import psutil
-
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:
-        return False
-
-
-def _wait_gone(processes: list, deadline: float) -> list:
-    """Poll until every process is gone (a zombie counts: it has exited) or the deadline."""
-    alive = list(processes)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if not _gone_or_zombie(p)]
-        if alive:
-            time.sleep(0.02)
-    return [p for p in alive if not _gone_or_zombie(p)]
-
-
-def end_process_tree(
-    registration: RegisteredProcess, grace_seconds: float
-) -> tuple[list[int], list[int]] | None:
-    """End the registered process and its descendants; (terminated, killed) pids.
-
-    None when the pid no longer belongs to the registered process (nothing is signalled).
-    """
-    import psutil
-
-    try:
-        root = psutil.Process(registration.pid)
-        if not same_start(registration.create_time, root.create_time()):
-            return None
-        tree = [root, *root.children(recursive=True)]
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
-    protected = _protected_pids()
-    tree = [p for p in tree if p.pid not in protected]
-    signalled = []
-    for process in tree:  # root first, so it cannot start replacements for its children
-        try:
-            process.send_signal(signal.SIGTERM)  # psutil refuses if the pid was reused meanwhile
-            signalled.append(process)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    survivors = _wait_gone(signalled, time.monotonic() + grace_seconds)
-    killed = []
-    for process in survivors:
-        try:
-            process.send_signal(signal.SIGKILL)
-            killed.append(process)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    still = _wait_gone(killed, time.monotonic() + 5)
-    if still:
-        raise OSError(f"processes {[p.pid for p in still]} survived SIGKILL")
-    killed_pids = {p.pid for p in killed}
-    return [p.pid for p in signalled if p.pid not in killed_pids], sorted(killed_pids)
-
-
 def clean_processes(
     store: Store, dry_run: bool, max_age_hours: float, grace_seconds: float, now: float
 ) -> list[ProcessAction]:
+    """End registered processes running longer than ``max_age_hours`` (0: every one that is not
+    exempt); close the registrations of processes already gone."""
     import psutil
 
     actions = []
-    protected = _protected_pids()
+    protected = caller_and_ancestors()
     for registration in running_registrations(store):
         common = {"pid": registration.pid, "kind": registration.kind}
         common["command"] = registration.command[:200]
@@ -176,12 +107,12 @@ def clean_processes(
                 )
             )
             continue
-        age_hours = round((now - registration.create_time) / 3600, 3)
+        age_hours = round(max(0.0, now - registration.create_time) / 3600, 3)  # display only
         if registration.pid in protected:
             reason, stale = "this process or one running it", False
         elif registration.kind in LONG_RUNNING_KINDS:
             reason, stale = f"a {registration.kind} is meant to keep running", False
-        elif age_hours > max_age_hours:
+        elif is_stale(registration, True, now, max_age_hours):
             reason, stale = f"running {age_hours:g} h, longer than {max_age_hours:g} h", True
         else:
             reason, stale = f"running {age_hours:g} h, within {max_age_hours:g} h", False
@@ -196,7 +127,11 @@ def clean_processes(
             )
             continue
         try:
-            ended = end_process_tree(registration, grace_seconds)
+            ended = end_process_tree_blocking(
+                registration.pid, registration.create_time, grace_seconds
+            )
+            if ended is not None and ended.left_running:
+                raise OSError(f"processes {ended.left_running} could not be ended")
         except (OSError, psutil.Error) as exc:
             actions.append(
                 ProcessAction(
@@ -205,15 +140,14 @@ def clean_processes(
             )
             continue
         mark_process_ended(store, registration.pid, registration.create_time)
-        terminated, killed = ended or ([], [])
         actions.append(
             ProcessAction(
                 **common,
                 age_hours=age_hours,
                 outcome="ended" if ended is not None else "closed registration",
                 reason=reason,
-                terminated=terminated,
-                killed=killed,
+                terminated=ended.terminated if ended is not None else [],
+                killed=ended.killed if ended is not None else [],
             )
         )
     return actions
@@ -221,18 +155,12 @@ def clean_processes(
 
 def close_gone_sessions(store: Store, dry_run: bool, now: float) -> int:
     """Session rows left open by a Claude Code process that died without SessionEnd."""
-    import psutil
-
     gone = []
     for row in store.query(
         "SELECT session_id, pid, create_time FROM claude_sessions "
         "WHERE ended_at IS NULL AND pid IS NOT NULL AND create_time IS NOT NULL"
     ):
-        try:
-            alive = same_start(row["create_time"], psutil.Process(row["pid"]).create_time())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            alive = False
-        if not alive:
+        if matching_process(row["pid"], row["create_time"]) is None:
             gone.append(row["session_id"])
     if gone and not dry_run:
         with store.transaction() as conn:

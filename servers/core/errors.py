@@ -38,10 +38,6 @@ class ValorError(ToolError):
         super().__init__(f"[{self.category.value}] {redact(message)}")
 
 
-def config_error(message: str) -> ValorError:
-    return ValorError(Category.CONFIG, message)
-
-
 def input_error(message: str) -> ValorError:
     return ValorError(Category.INPUT, message)
 

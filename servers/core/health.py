@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from servers.core.processes import RegisteredProcess, running_registrations, same_start
+from servers.core.processes import RegisteredProcess, matching_process, running_registrations
 from servers.core.store import Store
 
 # Kinds that are meant to run for days: age alone never makes them stale.
@@ -290,8 +290,6 @@ def queue_depths(store: Store) -> dict[str, int]:
 
 
 def session_stats(store: Store) -> SessionStats:
-    import psutil
-
     rows = store.query(
         "SELECT launched_by, pid, create_time FROM claude_sessions WHERE ended_at IS NULL"
     )
@@ -299,11 +297,7 @@ def session_stats(store: Store) -> SessionStats:
     for row in rows:
         if row["pid"] is None or row["create_time"] is None:
             continue
-        try:
-            alive = same_start(row["create_time"], psutil.Process(row["pid"]).create_time())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            alive = False
-        if alive:
+        if matching_process(row["pid"], row["create_time"]) is not None:
             live += 1
         else:
             gone += 1
@@ -321,12 +315,16 @@ def is_claude_kind(kind: str) -> bool:
 def is_stale(
     registration: RegisteredProcess, alive: bool, now: float, max_age_hours: float
 ) -> bool:
-    """Gone without being marked ended, or a bounded run alive past its age."""
+    """Gone without being marked ended, or a bounded run alive past its age.
+
+    The exact age is compared (no rounding), and a limit of 0 makes every bounded run stale, even
+    one whose create time reads a little after ``now`` (the OS reports starts in 1/100 s ticks).
+    """
     if not alive:
         return True
     if registration.kind in LONG_RUNNING_KINDS:
         return False
-    return now - registration.create_time > max_age_hours * 3600
+    return max_age_hours <= 0 or now - registration.create_time > max_age_hours * 3600
 
 
 @dataclass
@@ -382,13 +380,7 @@ def collect_health(
     stale = 0
     own_pid = os.getpid()
     for registration in running_registrations(store):
-        process = None
-        try:
-            candidate = psutil.Process(registration.pid)
-            if same_start(registration.create_time, candidate.create_time()):
-                process = candidate
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
+        process = matching_process(registration.pid, registration.create_time)
         if is_stale(registration, process is not None, now, max_age_hours):
             stale += 1
         if process is not None:

@@ -114,7 +114,7 @@ MIGRATIONS: dict[int, list[str]] = {
         END
         """,
     ],
-    # 3: monitoring (issue #7): tool calls recorded by the PostToolUse hook, and the Claude Code
+    # 3: monitoring: tool calls recorded by the PostToolUse hook, and the Claude Code
     # sessions the SessionStart / SessionEnd hooks register.
     3: [
         """
@@ -147,7 +147,7 @@ MIGRATIONS: dict[int, list[str]] = {
         """,
         "CREATE INDEX claude_sessions_open ON claude_sessions (ended_at)",
     ],
-    # 4: the bridge (issue #5): inbox (nothing lost, answered once), chat sessions, outbox.
+    # 4: the bridge: inbox (nothing lost, answered once), chat sessions, outbox.
     4: [
         """
         CREATE TABLE bridge_inbox (
@@ -199,7 +199,7 @@ MIGRATIONS: dict[int, list[str]] = {
         """,
         "CREATE INDEX bridge_outbox_pending ON bridge_outbox (status, id)",
     ],
-    # 5: the daemon (issue #8): daydream sessions and the promise queue's states.
+    # 5: the daemon: daydream sessions and the promise queue's states.
     5: [
         """
         CREATE TABLE daydream_sessions (

@@ -92,8 +92,3 @@ def mark_outbound_failed(store: Store, outbound_id: int, error: str) -> bool:
             (error[:1000], MAX_ATTEMPTS, outbound_id),
         ).fetchone()
     return row is not None and row[0] == "failed"
-
-
-def enqueue_message(store: Store, chat_id: int, text: str) -> int:
-    """The short form other components call (promise delivery)."""
-    return enqueue_outbound(store, chat_id, text, source="promise")

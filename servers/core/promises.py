@@ -17,8 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from servers.core.store import Store, now
 if TYPE_CHECKING:
     from huey import Huey
 
+    from servers.core.mcp_config import HostedTools
     from servers.core.settings import Settings
 
 log = logging.getLogger("valor.promises")
@@ -64,7 +64,8 @@ _COLUMNS = ", ".join(Promise.__dataclass_fields__)
 
 # --- kinds of work ------------------------------------------------------------------------------
 
-Executor = Callable[[Promise, threading.Event, "Settings"], str]
+# (promise, set when it is cancelled, settings, the hosted tools a Claude Code run may use)
+Executor = Callable[[Promise, threading.Event, "Settings", "HostedTools | None"], str]
 
 
 class PromiseKind:
@@ -74,7 +75,9 @@ class PromiseKind:
         self.executor = executor
 
 
-def _research(promise: Promise, cancelled: threading.Event, settings: Settings) -> str:
+def _research(
+    promise: Promise, cancelled: threading.Event, settings: Settings, tools: HostedTools | None
+) -> str:
     """social-tools' web search (Perplexity) on the question; the answer with sources."""
     import asyncio
 
@@ -88,21 +91,15 @@ def _research(promise: Promise, cancelled: threading.Event, settings: Settings) 
     return found["answer"] + (f"\n\nSources:{sources}" if sources else "")
 
 
-# Set by the daemon that hosts the tools over HTTP: (base URL, scope secret).
-_hosted_tools: tuple[str, bytes] | None = None
 # A promise's run gets every tool but these (a promise must not queue promises of its own).
 SERVERS_NOT_FOR_PROMISES = frozenset({"promise-tools"})
 
 
-def use_hosted_tools(base_url: str | None, secret: bytes | None = None) -> None:
-    """Give claude_code promises the tools this process hosts (None: no tools)."""
-    global _hosted_tools
-    _hosted_tools = (base_url, secret) if base_url and secret else None
-
-
-def _claude_code(promise: Promise, cancelled: threading.Event, settings: Settings) -> str:
+def _claude_code(
+    promise: Promise, cancelled: threading.Event, settings: Settings, tools: HostedTools | None
+) -> str:
     """A headless Claude Code run through the shared runner; cancelling ends its process tree.
-    With the daemon's hosted tools it gets Valor's MCP servers, scoped to the promise's chat."""
+    With hosted tools (the daemon's) it gets Valor's MCP servers, scoped to the promise's chat."""
     import asyncio
     import contextlib
 
@@ -117,6 +114,16 @@ def _claude_code(promise: Promise, cancelled: threading.Event, settings: Setting
         timeout_seconds=settings.promise_timeout_seconds,
         process_kind="claude-promise",
     )
+    tool_config = (
+        contextlib.nullcontext()
+        if tools is None
+        else tools.without(SERVERS_NOT_FOR_PROMISES).for_run(
+            request,
+            promise.chat_id,
+            ttl_seconds=settings.promise_timeout_seconds + 300,
+            run_dir=settings.data_dir / "run",
+        )
+    )
 
     async def run() -> str:
         stop = asyncio.Event()
@@ -129,7 +136,7 @@ def _claude_code(promise: Promise, cancelled: threading.Event, settings: Setting
         relay = asyncio.create_task(relay_cancel())
         try:
             runner = ClaudeRunner(get_store(settings.db_path), settings)
-            with _tool_config(request, settings) if _hosted_tools else contextlib.nullcontext():
+            with tool_config:
                 outcome = await runner.run(request, cancel=stop)
         finally:
             relay.cancel()
@@ -140,28 +147,6 @@ def _claude_code(promise: Promise, cancelled: threading.Event, settings: Setting
         raise ValorError(Category.UPSTREAM, f"Claude Code ended with status {outcome.status}.")
 
     return asyncio.run(run())
-
-
-@contextmanager
-def _tool_config(request: Any, settings: Settings) -> Iterator[None]:
-    """A runtime MCP config naming the hosted servers, with a token for the promise's chat."""
-    from servers import SERVERS
-    from servers.core.mcp_config import allowed_tool_patterns, http_mcp_config, runtime_mcp_config
-    from servers.core.trust import mint_scope_token
-    from servers.hosting import endpoint
-
-    assert _hosted_tools is not None
-    base_url, secret = _hosted_tools
-    names = [name for name in SERVERS if name not in SERVERS_NOT_FOR_PROMISES]
-    token = mint_scope_token(
-        secret, request.chat_id, ttl_seconds=settings.promise_timeout_seconds + 300
-    )
-    config = http_mcp_config({name: endpoint(base_url, name) for name in names}, token)
-    with runtime_mcp_config(config, settings.data_dir / "run") as path:
-        request.mcp_config = path
-        request.expected_servers = names
-        request.allowed_tools = [*allowed_tool_patterns(names), *request.allowed_tools]
-        yield
 
 
 KINDS: dict[str, PromiseKind] = {
@@ -176,6 +161,7 @@ KINDS: dict[str, PromiseKind] = {
 
 # --- the queue ----------------------------------------------------------------------------------
 
+HOSTED_TOOLS_ATTRIBUTE = "valor_hosted_tools"  # set on a dequeued task by the pool running it
 _queues: dict[str, Huey] = {}
 _queues_lock = threading.Lock()
 
@@ -221,7 +207,10 @@ def _build_queue(settings: Settings) -> Huey:
         settings.promise_queue_path.parent.mkdir(parents=True, exist_ok=True)
         queue = SqliteHuey("valor-promises", filename=str(settings.promise_queue_path))
     # No retries: a promise with side effects must not run twice behind the person's back.
-    queue.valor_run_promise = queue.task(name="run_promise", retries=0)(run_promise_task)
+    # context=True hands the task to run_promise_task, for the tools its worker pool attached.
+    queue.valor_run_promise = queue.task(name="run_promise", retries=0, context=True)(
+        run_promise_task
+    )
     return queue
 
 
@@ -240,12 +229,14 @@ def _enqueue(queue: Huey, promise_id: int) -> str:
     return task.id
 
 
-def run_promise_task(promise_id: int) -> None:
-    """What a queue worker executes (the task carries only the id)."""
+def run_promise_task(promise_id: int, task: Any = None) -> None:
+    """What a queue worker executes. The queued task carries only the id; the ``WorkerPool``
+    running it attaches its hosted tools to the task object (in memory, never serialized)."""
     from servers.core.settings import get_settings
     from servers.core.store import get_store
 
-    execute_promise(get_store(), promise_id, get_settings())
+    tools = getattr(task, HOSTED_TOOLS_ATTRIBUTE, None)
+    execute_promise(get_store(), promise_id, get_settings(), tools)
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -345,8 +336,11 @@ def _worker_identity() -> tuple[str, int, float]:
     return socket.gethostname(), pid, process_create_time(pid)
 
 
-def execute_promise(store: Store, promise_id: int, settings: Settings) -> str:
-    """Claim (pending -> running), run, and record the outcome. Returns the final status."""
+def execute_promise(
+    store: Store, promise_id: int, settings: Settings, tools: HostedTools | None = None
+) -> str:
+    """Claim (pending -> running), run, and record the outcome. Returns the final status.
+    ``tools``: the hosted servers a Claude Code promise may use (None: it runs without them)."""
     host, pid, create_time = _worker_identity()
     stamp = now()
     with store.transaction() as conn:
@@ -368,7 +362,7 @@ def execute_promise(store: Store, promise_id: int, settings: Settings) -> str:
     )
     watcher.start()
     try:
-        result = KINDS[promise.kind].executor(promise, cancelled, settings)
+        result = KINDS[promise.kind].executor(promise, cancelled, settings, tools)
     except ValorError as exc:
         return _finish(store, promise_id, "failed", error=exc.args[0], cancelled=cancelled)
     except Exception as exc:
@@ -544,12 +538,20 @@ def open_count(store: Store) -> int:
 
 class WorkerPool:
     """Threads that take promise tasks off the queue and run them (inside the daemon, or
-    ``valor worker`` on any machine that shares the Redis queue)."""
+    ``valor worker`` on any machine that shares the Redis queue). ``tools``: the hosted servers
+    its Claude Code promises get (the daemon's); None runs them without Valor's servers."""
 
-    def __init__(self, queue: Huey, workers: int, poll_seconds: float = 2.0):
+    def __init__(
+        self,
+        queue: Huey,
+        workers: int,
+        poll_seconds: float = 2.0,
+        tools: HostedTools | None = None,
+    ):
         self.queue = queue
         self.workers = workers
         self.poll_seconds = poll_seconds  # the longest wait between polls of an empty queue
+        self.tools = tools
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -575,6 +577,7 @@ class WorkerPool:
                 delay = min(delay * 1.5, self.poll_seconds)
                 continue
             delay = min(0.1, self.poll_seconds)
+            setattr(task, HOSTED_TOOLS_ATTRIBUTE, self.tools)
             self.queue.execute(task)
 
     def stop(self, timeout: float) -> list[str]:

@@ -18,10 +18,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from servers.core import media
 from servers.core.errors import Category, ValorError
+
+if TYPE_CHECKING:
+    from servers.core.settings import Settings
 
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -194,7 +197,7 @@ def screenshot_question(task_id: str, context: str = "") -> str:
 
 
 async def analyze_screenshot(
-    shot: Screenshot, base: Path, question: str, settings: Any
+    shot: Screenshot, base: Path, question: str, settings: Settings
 ) -> dict[str, Any]:
     """``{"analysis", "model", "mime_type"}`` from the vision model (OpenAI)."""
     import anyio

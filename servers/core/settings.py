@@ -132,13 +132,13 @@ class Settings(BaseSettings):
     operator_chat_id: int | None = Field(default=None, description="Where alerts go.")
     max_concurrent_runs: int = Field(default=4, ge=1)
 
-    # --- the bridge core (issue #5) ---
+    # --- the bridge core ---
     persona_file: Path | None = Field(
         default=None,
         description="Persona appended to Claude Code's system prompt (default: bridge/persona.md).",
     )
 
-    # --- Telegram streaming (issue #6): send budgets, receipts, media, catch-up ---
+    # --- Telegram streaming: send budgets, receipts, media, catch-up ---
     telegram_per_chat_per_second: int = Field(
         default=1, ge=1, description="Messages or edits per second in one chat."
     )
@@ -170,7 +170,7 @@ class Settings(BaseSettings):
     daydream_model: str = Field(default="gemma3")
     daydream_timeout_seconds: float = Field(default=120.0, gt=0)
 
-    # --- the daemon (issue #8): schedule, daydream and the promise queue ---
+    # --- the daemon: schedule, daydream and the promise queue ---
     daydream_api_key: SecretStr | None = Field(
         default=None, description="Key for the daydream endpoint (Ollama needs none)."
     )
@@ -217,7 +217,7 @@ class Settings(BaseSettings):
     history_max_results: int = Field(default=50, ge=1, le=500)
     history_max_chars: int = Field(default=20_000, ge=1_000)
 
-    # --- social-tools and notion-tools (issue #3): limits for images, link fetching, retries ---
+    # --- social-tools and notion-tools: limits for images, link fetching, retries ---
     image_max_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024, description="Largest image the image tools read."
     )
@@ -240,7 +240,7 @@ class Settings(BaseSettings):
     )
     notion_max_rows: int = Field(default=500, ge=1, le=10_000)
 
-    # --- monitoring-tools and the Claude Code hooks (issue #7) ---
+    # --- monitoring-tools and the Claude Code hooks ---
     # The hooks read VALOR_HOOK_* straight from the environment / .env (no pydantic there).
     temp_dir: Path | None = Field(
         default=None, description="Valor's temporary files (default: DATA_DIR/tmp)."
@@ -256,14 +256,14 @@ class Settings(BaseSettings):
     hook_history_messages: int = Field(default=20, ge=0, le=500)
     hook_context_max_tokens: int = Field(default=2000, ge=100, le=100_000)
 
-    # --- context-tools (issue #4) ---
+    # --- context-tools ---
     context_summary_model: str | None = Field(
         default=None,
         description="OpenAI-compatible chat model that writes context summaries (uses "
         "OPENAI_API_KEY / VALOR_OPENAI_BASE_URL); unset: extractive summaries.",
     )
 
-    # --- development-tools (issue #9): workspace screenshots and the bug-report workflow ---
+    # --- development-tools: workspace screenshots and the bug-report workflow ---
     bug_report_allowed_tools: list[str] = Field(
         default_factory=lambda: ["Bash", "Read", "Write", "Glob", "Grep"],
         description="Claude Code tools a bug-report run may use without asking (--allowedTools).",

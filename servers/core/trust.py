@@ -65,10 +65,6 @@ def configure_http_secret(secret: bytes | None) -> None:
     _http_secret = secret
 
 
-def http_secret() -> bytes | None:
-    return _http_secret
-
-
 def mint_scope_token(secret: bytes, chat_id: int | None, ttl_seconds: float = 6 * 3600) -> str:
     """A bearer token naming the chat a run serves ("-" for an operator run with no chat)."""
     expires = int(time.time() + ttl_seconds)

@@ -9,15 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from servers.core.settings import reset_settings_cache
 from tests.fakes.anthropic_api import ToolUse, turn_text
 from tests.fakes.openai_api import FakeOpenAI
-
-
-def configure(monkeypatch, **env: str) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    reset_settings_cache()
+from tests.support.settings import configure
 
 
 def use_vision_fake(monkeypatch, fake: FakeOpenAI) -> None:
@@ -33,10 +27,9 @@ def use_claude(monkeypatch, claude_bin: Path, claude_env: dict[str, str], workdi
     """Runs started inside the server (which builds its own ClaudeRun) reach the fake Anthropic
     API through the environment and settings, as in production."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name, value in claude_env.items():
-        monkeypatch.setenv(name, value)
     configure(
         monkeypatch,
+        **claude_env,
         VALOR_CLAUDE_BIN=str(claude_bin),
         VALOR_CLAUDE_WORKDIR=str(workdir),
         VALOR_CLAUDE_MAX_RETRIES="0",

@@ -1,4 +1,4 @@
-"""Helpers shared by the bridge and runner tests (see tests/fake_claude.py for the stand-in)."""
+"""Helpers for the bridge and runner tests (see tests/fake_claude.py for the stand-in)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import psutil
 
-from servers.core.settings import reset_settings_cache
+from tests.support.settings import configure
 
-FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
+FAKE_CLAUDE = Path(__file__).resolve().parents[1] / "fake_claude.py"
 
 
 def install_fake_claude(directory: Path, monkeypatch) -> Path:
@@ -19,8 +19,7 @@ def install_fake_claude(directory: Path, monkeypatch) -> Path:
     script = directory / "claude"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_CLAUDE}" "$@"\n')
     script.chmod(0o755)
-    monkeypatch.setenv("VALOR_CLAUDE_BIN", str(script))
-    reset_settings_cache()
+    configure(monkeypatch, VALOR_CLAUDE_BIN=str(script))
     return script
 
 
