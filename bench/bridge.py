@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CLAUDE = REPO / "node_modules" / ".bin" / "claude"
+from bench.common import CLAUDE, start_claude_print  # noqa: E402
 
 
 def isolated_env(data_dir: Path, **extra: str) -> None:
@@ -104,22 +104,8 @@ async def load(chats: int, messages: int, work: Path) -> None:
 # -- part 1: latency ------------------------------------------------------------------------------
 async def bare_claude(env: dict[str, str], workdir: Path, mcp_config: Path | None = None) -> float:
     """`claude -p` alone; with ``mcp_config`` it also connects to the servers named there."""
-    extra = ["--mcp-config", str(mcp_config)] if mcp_config else []
     started = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(
-        str(CLAUDE),
-        "-p",
-        "--output-format",
-        "stream-json",
-        "--verbose",
-        "--strict-mcp-config",
-        *extra,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=str(workdir),
-    )
+    proc = await start_claude_print(env, workdir, mcp_config)
     out, _ = await proc.communicate(b"hello")
     elapsed = time.perf_counter() - started
     lines = [json.loads(line) for line in out.decode().strip().splitlines()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = str(REPO / ".venv" / "bin" / "python")
+CLAUDE = REPO / "node_modules" / ".bin" / "claude"
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -69,3 +71,25 @@ def heavy_modules_loaded(modules: list[str], heavy: tuple[str, ...]) -> str:
     return subprocess.run(
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+async def start_claude_print(
+    env: dict[str, str], workdir: Path, mcp_config: Path | None = None
+) -> asyncio.subprocess.Process:
+    """`claude -p` with stream-json output and only ``mcp_config``'s servers (none without it);
+    the caller writes the prompt to its stdin (``communicate``)."""
+    extra = ["--mcp-config", str(mcp_config)] if mcp_config else []
+    return await asyncio.create_subprocess_exec(
+        str(CLAUDE),
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--strict-mcp-config",
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=str(workdir),
+    )

@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -138,7 +137,7 @@ class Bridge:
         if tools_base_url is not None and tools_secret is None:
             raise ValueError("tools_base_url needs the tools_secret its tokens are checked with")
         self._external_tools = tools_base_url
-        self._secret = tools_secret or secrets.token_bytes(32)
+        self._secret = tools_secret  # else the persistent one, loaded when hosting
         self.tools: HostedTools | None = None  # while serving with hosted tools
         self._lock_file: Any = None
         self._outbox_task: asyncio.Task[None] | None = None
@@ -212,8 +211,10 @@ class Bridge:
         if not self.host_tools:
             yield
             return
+        from servers.core.trust import load_scope_secret
         from servers.hosting import hosted
 
+        self._secret = self._secret or load_scope_secret(self.settings)
         async with hosted(self._secret, host=self.settings.http_host, port=0) as base_url:
             self.tools = HostedTools(base_url, self._secret, tuple(SERVERS))
             try:

@@ -33,15 +33,21 @@ def serve(
     name: Annotated[str | None, typer.Argument(help="Server name, e.g. telegram-tools")] = None,
     transport: Annotated[str, typer.Option(help="stdio or http")] = "stdio",
     all_servers: Annotated[
-        bool, typer.Option("--all", help="Host every server in one process (needs --http)")
+        bool, typer.Option("--all", help="Every server in one process (stdio, or with --http)")
     ] = False,
     http: Annotated[bool, typer.Option("--http", help="Shorthand for --transport http")] = False,
     host: Annotated[
         str | None, typer.Option(help="Address to bind (default from settings)")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default from settings)")] = None,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote", help="Allow a non-loopback --host (put a TLS front before it)"
+        ),
+    ] = False,
 ) -> None:
-    """Run one MCP server, or every server at once over HTTP on loopback."""
+    """Run one MCP server, or every server at once (one stdio process, or HTTP on loopback)."""
     from servers import SERVERS, load_server
     from servers.core.settings import get_settings
 
@@ -52,14 +58,17 @@ def serve(
         raise typer.BadParameter("transport must be stdio or http", param_hint="--transport")
     bind_host = host or settings.http_host
     bind_port = settings.http_port if port is None else port
+    if all_servers and transport == "stdio":
+        from servers.bundle import bundle
+
+        bundle().run(transport="stdio", show_banner=False)
+        return
     if all_servers:
-        if transport != "http":
-            raise typer.BadParameter("--all hosts the servers over HTTP: add --http")
         _configure_logging()
-        _serve_all(bind_host, bind_port)
+        _serve_http(bind_host, bind_port, None, allow_remote or settings.http_allow_remote)
         return
     if name is None:
-        raise typer.BadParameter(f"name a server ({', '.join(SERVERS)}) or use --all --http")
+        raise typer.BadParameter(f"name a server ({', '.join(SERVERS)}) or use --all")
     try:
         server = load_server(name)
     except KeyError as exc:
@@ -68,19 +77,95 @@ def serve(
         server.run(transport="stdio", show_banner=False)
     else:
         _configure_logging()
-        server.run(transport="http", host=bind_host, port=bind_port, show_banner=False)
+        _serve_http(bind_host, bind_port, [name], allow_remote or settings.http_allow_remote)
 
 
-def _serve_all(host: str, port: int) -> None:
+def _serve_http(host: str, port: int, names: list[str] | None, allow_remote: bool) -> None:
+    """Host the servers behind the token, Host and Origin checks of ``servers.hosting``."""
     import uvicorn
 
     from servers import SERVERS
-    from servers.hosting import build_app, endpoint
+    from servers.core.errors import ValorError
+    from servers.hosting import build_app, check_bind_host, endpoint
 
+    try:
+        check_bind_host(host, allow_remote)
+        application = build_app(names=names)
+    except ValorError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     base = f"http://{host}:{port}"
-    for name in SERVERS:
+    for name in names or SERVERS:
         typer.echo(f"{name}: {endpoint(base, name)}", err=True)
-    uvicorn.run(build_app(), host=host, port=port, log_level="warning")
+    typer.echo(
+        "Every request needs a bearer token: `valor token create --operator` (or --chat N).",
+        err=True,
+    )
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command("mcp-config")
+def mcp_config(
+    client: Annotated[
+        str, typer.Option(help="claude-code (.mcp.json), claude-desktop or cursor")
+    ] = "claude-code",
+    transport: Annotated[
+        str, typer.Option(help="stdio (Valor started by the client) or http (a running host)")
+    ] = "stdio",
+    per_server: Annotated[
+        bool, typer.Option("--per-server", help="stdio: one entry per server, not one process")
+    ] = False,
+    server: Annotated[
+        list[str] | None, typer.Option("--server", help="Only this server (repeatable)")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="http: the host's base URL (default from settings)")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="http: a token from `valor token create` (- reads stdin)")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="File to write (default: the client's)")
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print", help="Print the config instead of writing it")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file")] = False,
+) -> None:
+    """Write a ready MCP client config for Valor's tools (absolute paths: works anywhere)."""
+    from pathlib import Path
+
+    from servers import SERVERS
+    from servers.core import client_config
+    from servers.core.settings import get_settings
+
+    unknown = sorted(set(server or ()) - set(SERVERS))
+    if unknown:
+        raise typer.BadParameter(f"unknown server(s) {unknown}; known: {', '.join(SERVERS)}")
+    if token == "-":  # noqa: S105 - "-" means: read the token from stdin
+        token = sys.stdin.readline().strip()
+    if transport == "http" and url is None:
+        settings = get_settings()
+        url = f"http://{settings.http_host}:{settings.http_port}"
+    try:
+        config = client_config.build(
+            client,
+            transport,
+            server or list(SERVERS),
+            per_server=per_server,
+            subset=bool(server),
+            url=url,
+            token=token,
+        )
+        if print_config:
+            typer.echo(client_config.to_text(config), nl=False)
+            return
+        path = Path(output) if output else client_config.default_path(client)
+        written = client_config.write_config(path, config, force=force)
+    except client_config.ClientConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {written} ({', '.join(config['mcpServers'])})", err=True)
 
 
 async def _list_tools() -> dict[str, list[Any]]:
@@ -267,6 +352,114 @@ def login(
         return
     write_env_value(Path(env_file), SESSION_KEY, session)
     typer.echo(f"Logged in as {name}. {SESSION_KEY} stored in {env_file} (keep it secret).")
+
+
+token_app = typer.Typer(
+    help="Bearer tokens for the HTTP-hosted tools: create (printed once), list, revoke.",
+    no_args_is_help=True,
+)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    chat: Annotated[
+        int | None, typer.Option("--chat", help="The one chat the token may reach")
+    ] = None,
+    operator: Annotated[
+        bool, typer.Option("--operator", help="Every tool of every server")
+    ] = False,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option("--scope", help="operator, chat or server:<name> (repeatable)"),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Who it is for (a label)")] = None,
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: 30d, 12h, 90m, 1y")] = "30d",
+) -> None:
+    """Mint a token and print it once (it is not stored; only its id is)."""
+    from servers import SERVERS
+    from servers.core import tokens_issued
+    from servers.core.errors import ValorError
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+    from servers.core.trust import load_scope_secret
+
+    settings = get_settings()
+    try:
+        ttl_seconds = tokens_issued.parse_ttl(ttl)
+        principal = tokens_issued.principal_for(
+            chat_id=chat,
+            operator=operator,
+            scopes=scope or [],
+            name=name,
+            known_servers=tuple(SERVERS),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        secret = load_scope_secret(settings)
+    except ValorError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    token, issued = tokens_issued.issue_token(
+        get_store(settings.db_path), secret, principal, ttl_seconds
+    )
+    typer.echo(token)
+    typer.echo(
+        f"token {issued.id} ({_describe_token(issued)}), expires {_when(issued.expires_at)}. "
+        "Shown once: store it now. `valor token revoke "
+        f"{issued.id}` ends it.",
+        err=True,
+    )
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """Every token `valor token create` issued, with its state."""
+    from servers.core import tokens_issued
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
+    issued = tokens_issued.list_tokens(get_store(get_settings().db_path))
+    if not issued:
+        typer.echo("No tokens issued.")
+        return
+    for item in issued:
+        typer.echo(
+            f"{item.id}  {item.state:8} {_describe_token(item):40} "
+            f"created {_when(item.created_at)}  expires {_when(item.expires_at)}"
+        )
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The id `token list` shows")],
+) -> None:
+    """Revoke a token: every host refuses it from the next request on."""
+    from servers.core import tokens_issued
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
+    if not tokens_issued.revoke_token(get_store(get_settings().db_path), token_id):
+        typer.echo(f"No issued token has the id {token_id!r}; `valor token list` shows them.")
+        raise typer.Exit(1)
+    typer.echo(f"Revoked {token_id}.")
+
+
+def _describe_token(item: Any) -> str:
+    parts = [item.kind]
+    if item.chat_id is not None:
+        parts.append(f"chat {item.chat_id}")
+    parts.extend(s for s in item.scopes if s.startswith("server:"))
+    if item.name:
+        parts.append(repr(item.name))
+    return ", ".join(parts)
+
+
+def _when(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ TOOL_CALL_TIMEOUT_SECONDS = {
     "run_daydream": 3600.0,
 }
 JOB_SERVERS = ("monitoring-tools", "daydream-tools")  # the servers jobs call: clients kept open
-OPERATOR_TOKEN_TTL_SECONDS = 365 * 86400  # in memory only, signed with this run's secret
+OPERATOR_TOKEN_TTL_SECONDS = 365 * 86400  # in memory only, never written anywhere
 MONITORING = "monitoring-tools"
 
 
@@ -125,7 +125,8 @@ class Daemon:
             log.error("%s; no quiet hours apply", exc)
             self.quiet_hours = None
         self.base_url: str | None = None
-        self._secret = trust.new_secret()
+        # Persistent (settings or DATA_DIR/scope_secret): a restart keeps issued tokens valid.
+        self._secret = trust.load_scope_secret(settings)
         self.tools: HostedTools | None = None  # set once hosted; the promise workers get it
         self._stack = contextlib.AsyncExitStack()
         self._scheduler: Any = None
@@ -561,8 +562,14 @@ async def run_daemon(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from servers.hosting import RemoteBindRefused
+
     try:
         await daemon.start()
+    except RemoteBindRefused as exc:
+        log.error("%s", exc.detail)
+        await daemon.stop()
+        return 2
     except (OSError, SystemExit) as exc:  # uvicorn exits when it cannot bind
         log.error(
             "could not host the tools on %s:%s (%s): is another `valor daemon` running? "

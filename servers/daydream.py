@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from servers.core import daydream
 from servers.core.app import create_server
 from servers.core.history import iso
+from servers.core.principals import OPERATOR_TAG
 from servers.core.settings import get_settings
 from servers.core.store import get_store
 
@@ -85,7 +86,10 @@ def _monitoring_cleanup() -> daydream.CleanupCall | None:
     return cleanup
 
 
-@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True})
+@mcp.tool(
+    tags={OPERATOR_TAG},
+    annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
+)
 async def run_daydream(
     workspaces: Annotated[
         list[str] | None,
@@ -108,7 +112,7 @@ async def run_daydream(
     return _session(daydream.history_item(store, report.session_id))
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(tags={OPERATOR_TAG}, annotations={"readOnlyHint": True, "openWorldHint": False})
 def daydream_history(
     limit: Annotated[int, Field(ge=1, le=100, description="Newest N sessions")] = 10,
 ) -> DaydreamHistory:

@@ -2,64 +2,296 @@
 
 Each server's ``http_app()`` is mounted under ``/<server-name>`` (its endpoint is
 ``/<server-name>/mcp``); the parent lifespan enters every mounted app's lifespan, without which
-requests fail with "Task group is not initialized". With a scope secret, every request must carry
-a valid bearer token (see ``servers.core.trust``); others get 401 before reaching a server.
+requests fail with "Task group is not initialized".
+
+``HostGuard`` stands before every server, always:
+- ``Host`` must name this host (loopback names on the bound port, or ``VALOR_HTTP_ALLOWED_HOSTS``)
+  and an ``Origin``, when sent, one of the same: a web page cannot reach it by DNS rebinding.
+- every request needs a valid bearer token (``servers.core.trust``; or a JWT from a configured
+  identity provider); a 401 carries ``WWW-Authenticate: Bearer resource_metadata=...`` and the
+  RFC 9728 metadata is served at ``/.well-known/oauth-protected-resource[/<server>/mcp]``, as the
+  MCP authorization spec asks, so clients do not go guessing at OAuth.
+The verified principal rides on the request (``trust.PRINCIPAL_SCOPE_KEY``) for the tools.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.responses import JSONResponse
 from starlette.routing import Mount
 
 from servers import load_all
-from servers.core import trust
+from servers.core import tokens_issued, trust
+from servers.core.errors import Category, ValorError
 from servers.core.mcp_config import MCP_PATH, endpoint
+from servers.core.principals import CHAT_SCOPE, SERVER_SCOPE_PREFIX, Principal
 
-__all__ = ["MCP_PATH", "RequireScopeToken", "build_app", "endpoint", "hosted"]
+if TYPE_CHECKING:
+    from servers.core.settings import Settings
+
+__all__ = [
+    "MCP_PATH",
+    "HostGuard",
+    "RemoteBindRefused",
+    "build_app",
+    "check_bind_host",
+    "endpoint",
+    "hosted",
+]
+
+log = logging.getLogger("valor.hosting")
+
+METADATA_PATH = "/.well-known/oauth-protected-resource"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-class RequireScopeToken:
-    """ASGI middleware: refuse any HTTP request without a valid signed scope token."""
+class RemoteBindRefused(ValorError):
+    pass
 
-    def __init__(self, app: Any, secret: bytes):
+
+def is_loopback(host: str) -> bool:
+    name = host.strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_host(host: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback bind unless the operator said so explicitly."""
+    if allow_remote or is_loopback(host):
+        return
+    raise RemoteBindRefused(
+        Category.CONFIG,
+        f"Refusing to host on {host}: it is not a loopback address, so other machines could "
+        "reach the tools, and tokens would travel in clear over plain HTTP. To do it anyway, put "
+        "a TLS front (a reverse proxy terminating HTTPS) before Valor, add its name to "
+        "VALOR_HTTP_ALLOWED_HOSTS, and pass --allow-remote (or set VALOR_HTTP_ALLOW_REMOTE=true); "
+        "see docs/configuration.md.",
+    )
+
+
+def _split_host(value: str, default_port: int) -> tuple[str, int] | None:
+    try:
+        parts = urlsplit("//" + value)
+        if not parts.hostname or parts.username is not None or parts.path:
+            return None
+        return parts.hostname.lower(), parts.port or default_port
+    except ValueError:
+        return None
+
+
+class HostGuard:
+    """ASGI middleware: Host/Origin checks, protected-resource metadata, bearer tokens."""
+
+    def __init__(
+        self,
+        app: Any,
+        secret: bytes,
+        *,
+        server_names: Iterable[str],
+        allowed_hosts: Iterable[str] = (),
+        revoked: Callable[[str], bool] | None = None,
+        jwt_verifier: Any = None,
+        authorization_servers: Iterable[str] = (),
+    ):
         self.app = app
         self.secret = secret
+        self.server_names = frozenset(server_names)
+        self.revoked = revoked
+        self.jwt_verifier = jwt_verifier
+        self.authorization_servers = list(authorization_servers)
+        self.exact_hosts: set[tuple[str, int]] = set()
+        self.any_port_hosts: set[str] = set()
+        for entry in allowed_hosts:
+            parsed = _split_host(entry, 0)
+            if parsed is None:
+                continue
+            if parsed[1]:
+                self.exact_hosts.add(parsed)
+            else:
+                self.any_port_hosts.add(parsed[0])
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if not self._host_allowed(scope, host, scope.get("scheme", "http")):
+            await _reply(scope, receive, send, 421, {"error": "misdirected_request"})
+            return
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_allowed(scope, origin):
+            await _reply(scope, receive, send, 403, {"error": "forbidden_origin"})
+            return
+        path = scope.get("path", "")
+        base = f"{scope.get('scheme', 'http')}://{host}"
+        if path == METADATA_PATH or path.startswith(METADATA_PATH + "/"):
+            await self._metadata(scope, receive, send, base, path[len(METADATA_PATH) :])
+            return
+        server = self._server_of(path)
+        metadata_url = base + METADATA_PATH + (f"/{server}{MCP_PATH}" if server else "")
         token = trust.bearer_token(headers.get("authorization"))
         try:
             if token is None:
                 raise trust.ScopeTokenError("missing bearer token")
-            trust.verify_scope_token(self.secret, token)
+            principal = await self._verify(token)
         except trust.ScopeTokenError as exc:
-            body = json.dumps({"error": "unauthorized", "detail": str(exc)}).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [(b"content-type", b"application/json")],
-                }
+            challenge = f'Bearer resource_metadata="{metadata_url}"'
+            if token is not None:
+                challenge += f', error="invalid_token", error_description="{exc}"'
+            await _reply(
+                scope,
+                receive,
+                send,
+                401,
+                {"error": "invalid_token" if token else "unauthorized", "detail": str(exc)},
+                {"www-authenticate": challenge},
             )
-            await send({"type": "http.response.body", "body": body})
             return
+        if server is not None and not _may_reach(principal, server):
+            challenge = (
+                f'Bearer resource_metadata="{metadata_url}", error="insufficient_scope", '
+                f'scope="{SERVER_SCOPE_PREFIX}{server}"'
+            )
+            body = {"error": "insufficient_scope", "detail": f"this token does not reach {server}"}
+            await _reply(scope, receive, send, 403, body, {"www-authenticate": challenge})
+            return
+        scope[trust.PRINCIPAL_SCOPE_KEY] = principal
         await self.app(scope, receive, send)
 
+    def _host_allowed(self, scope: dict, value: str, scheme: str) -> bool:
+        parsed = _split_host(value, 443 if scheme in ("https", "wss") else 80)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if parsed in self.exact_hosts or name in self.any_port_hosts:
+            return True
+        server = scope.get("server") or (None, None)
+        local_address, bound_port = server[0], server[1]
+        if port != bound_port:
+            return False
+        return name in LOOPBACK_NAMES or (
+            local_address is not None and name == str(local_address).lower()
+        )
 
-def build_app(secret: bytes | None = None, names: list[str] | None = None) -> Any:
-    """One Starlette app serving every (or the named) server; token-checked when secret is set."""
+    def _origin_allowed(self, scope: dict, origin: str) -> bool:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or parts.path not in ("", "/"):
+            return False
+        return self._host_allowed(scope, parts.netloc, parts.scheme)
+
+    def _server_of(self, path: str) -> str | None:
+        first = path.lstrip("/").split("/", 1)[0]
+        return first if first in self.server_names else None
+
+    async def _verify(self, token: str) -> Principal:
+        if token.startswith(trust.TOKEN_PREFIX) or self.jwt_verifier is None:
+            return trust.verify_token(self.secret, token, revoked=self.revoked)
+        access = await self.jwt_verifier.verify_token(token)
+        if access is None:
+            raise trust.ScopeTokenError("invalid token")
+        return principal_from_jwt(access.claims, access.scopes, access.client_id)
+
+    async def _metadata(self, scope: dict, receive: Any, send: Any, base: str, rest: str) -> None:
+        if rest in ("", "/"):
+            resource = base
+        else:
+            server = self._server_of(rest)
+            if server is None or rest.rstrip("/") != f"/{server}{MCP_PATH}":
+                await _reply(scope, receive, send, 404, {"error": "not_found"})
+                return
+            resource = base + rest.rstrip("/")
+        body: dict[str, Any] = {"resource": resource, "bearer_methods_supported": ["header"]}
+        if self.authorization_servers:
+            body["authorization_servers"] = self.authorization_servers
+        await _reply(scope, receive, send, 200, body)
+
+
+def principal_from_jwt(claims: dict, scopes: Iterable[str], client_id: str | None) -> Principal:
+    """A JWT's principal: its ``scope`` claim gives the scopes, a ``valor_chat`` claim the chat.
+    A chat scope bound to no chat grants nothing (it would reach every chat)."""
+    chat = claims.get("valor_chat")
+    try:
+        chat_id = None if chat is None else int(chat)
+    except (TypeError, ValueError):
+        raise trust.ScopeTokenError("valor_chat claim is not a chat id") from None
+    granted = frozenset(str(scope) for scope in scopes)
+    if chat_id is None:
+        granted -= {CHAT_SCOPE}
+    jti = claims.get("jti")
+    return Principal(
+        "client",
+        chat_id=chat_id,
+        scopes=granted,
+        token_id=None if jti is None else str(jti),
+        name=client_id,
+    )
+
+
+def _may_reach(principal: Principal, server: str) -> bool:
+    servers = {s for s in principal.scopes if s.startswith(SERVER_SCOPE_PREFIX)}
+    return not servers or f"{SERVER_SCOPE_PREFIX}{server}" in servers
+
+
+async def _reply(
+    scope: dict,
+    receive: Any,
+    send: Any,
+    status: int,
+    body: dict,
+    headers: dict[str, str] | None = None,
+) -> None:
+    await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+
+
+def jwt_verifier_for(settings: Settings) -> Any:
+    """FastMCP's JWT verifier when an identity provider is configured, else None."""
+    if not settings.jwt_jwks_uri:
+        return None
+    from fastmcp.server.auth.providers.jwt import JWTVerifier
+
+    return JWTVerifier(
+        jwks_uri=settings.jwt_jwks_uri,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+    )
+
+
+def build_app(
+    secret: bytes | None = None,
+    names: list[str] | None = None,
+    *,
+    settings: Settings | None = None,
+) -> Any:
+    """One Starlette app serving every (or the named) server behind ``HostGuard``.
+
+    ``secret`` defaults to the persistent one (``trust.load_scope_secret``)."""
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
+    settings = settings or get_settings()
+    if secret is None:
+        secret = trust.load_scope_secret(settings)
     servers = load_all()
     if names is not None:
         servers = {name: servers[name] for name in names}
-    apps = {name: server.http_app(path=MCP_PATH) for name, server in servers.items()}
+    # Stateless: no session lives in this process, so any host sharing the secret (several
+    # behind a load balancer, or one restarted) answers any request of a client's session.
+    apps = {
+        name: server.http_app(path=MCP_PATH, stateless_http=True)
+        for name, server in servers.items()
+    }
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -72,14 +304,30 @@ def build_app(secret: bytes | None = None, names: list[str] | None = None) -> An
         routes=[Mount(f"/{name}", app=app) for name, app in apps.items()], lifespan=lifespan
     )
     trust.configure_http_secret(secret)
-    if secret is None:
-        return parent
-    return RequireScopeToken(parent, secret)
+    db_path = settings.db_path
+
+    def revoked(token_id: str) -> bool:
+        return tokens_issued.is_revoked(get_store(db_path), token_id)
+
+    verifier = jwt_verifier_for(settings)
+    return HostGuard(
+        parent,
+        secret,
+        server_names=apps,
+        allowed_hosts=settings.http_allowed_hosts,
+        revoked=revoked,
+        jwt_verifier=verifier,
+        authorization_servers=[settings.jwt_issuer] if verifier and settings.jwt_issuer else [],
+    )
 
 
 @asynccontextmanager
 async def hosted(
-    secret: bytes | None = None, host: str = "127.0.0.1", port: int = 0
+    secret: bytes | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    allow_remote: bool | None = None,
 ) -> AsyncIterator[str]:
     """Serve every server on loopback inside the running event loop; yields the base URL.
 
@@ -89,8 +337,12 @@ async def hosted(
     """
     import uvicorn
 
+    from servers.core.settings import get_settings
+
+    settings = get_settings()
+    check_bind_host(host, settings.http_allow_remote if allow_remote is None else allow_remote)
     config = uvicorn.Config(
-        build_app(secret),
+        build_app(secret, settings=settings),
         host=host,
         port=port,
         log_level="warning",

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from servers.core.app import create_server
 from servers.core.cleanup import CleanupReport, cleanup
 from servers.core.health import HealthReport, collect_health
+from servers.core.principals import OPERATOR_TAG
 from servers.core.settings import get_settings
 from servers.core.store import get_store
 
@@ -49,7 +50,7 @@ def _health(window_hours: float | None) -> HealthReport:
     )
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(tags={OPERATOR_TAG}, annotations={"readOnlyHint": True, "openWorldHint": False})
 def system_health(window_hours: WindowArg = None) -> HealthReport:
     """Machine CPU/memory/disk, Valor's and its Claude Code runs' processes, tool success rate
     and latency per tool, queue depth and store size, scored 0-100 with alerts that each carry a
@@ -63,7 +64,10 @@ def valor_temp_dirs() -> list[Path]:
     return [settings.temp_path, settings.data_dir / "run"]
 
 
-@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False})
+@mcp.tool(
+    tags={OPERATOR_TAG},
+    annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False},
+)
 def cleanup_resources(
     dry_run: Annotated[
         bool, Field(description="Only report what would be done (the default); false acts")
@@ -92,7 +96,7 @@ def cleanup_resources(
     )
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(tags={OPERATOR_TAG}, annotations={"readOnlyHint": True, "openWorldHint": False})
 def export_metrics(
     format: Annotated[
         Literal["json", "prometheus"],

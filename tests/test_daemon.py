@@ -276,3 +276,66 @@ def test_operator_hears_about_alert_changes_once(store, settings, monkeypatch):
     assert [m.chat_id for m in sent] == [99, 99]
     assert "Disk 97% full. Free." in sent[0].text and sent[0].source == "health"
     assert "cleared" in sent[1].text
+
+
+def hosted_base_url(log: LogReader) -> str:
+    log.wait_for("tools hosted at http://127.0.0.1:")
+    line = next(line for line in log.lines if "tools hosted at " in line)
+    return line.split("tools hosted at ", 1)[1].split("/<server>", 1)[0]
+
+
+@pytest.mark.e2e
+def test_the_daemons_host_demands_tokens_and_accepts_its_own_after_a_restart(store):
+    """Every server path of the daemon refuses a request without a valid token (with the MCP
+    spec's WWW-Authenticate), and a `valor token` token outlives a daemon restart."""
+    import httpx
+
+    from servers import SERVERS
+    from servers.core import tokens_issued
+    from servers.core.principals import OPERATOR
+    from servers.core.trust import load_scope_secret
+    from servers.hosting import endpoint
+
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "0"},
+        },
+    }
+    accept = {"Accept": "application/json, text/event-stream"}
+    token = None
+    for start in range(2):  # the second start is a restart on the same data directory
+        process, log = start_daemon(daemon_env())
+        try:
+            base_url = hosted_base_url(log)
+            if token is None:  # the daemon made the persistent secret; sign with it
+                secret = load_scope_secret(get_settings())
+                token = tokens_issued.issue_token(store, secret, OPERATOR, 3600)[0]
+            for server in SERVERS:
+                url = endpoint(base_url, server)
+                for bad in (None, "v2.forged.token", token + "x"):
+                    headers = {**accept, **({"Authorization": f"Bearer {bad}"} if bad else {})}
+                    refused = httpx.post(url, json=initialize, headers=headers, timeout=30)
+                    assert refused.status_code == 401, (start, server, bad, refused.text)
+                    assert "resource_metadata=" in refused.headers["www-authenticate"]
+            accepted = httpx.post(
+                endpoint(base_url, "monitoring-tools"),
+                json=initialize,
+                headers={**accept, "Authorization": f"Bearer {token}"},
+                timeout=30,
+            )
+            assert accepted.status_code == 200, (start, accepted.text)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=DEADLINE_SECONDS) == 0, log.text[-3000:]
+
+
+@pytest.mark.e2e
+def test_a_daemon_asked_to_bind_beyond_loopback_exits_2_and_says_why():
+    process, log = start_daemon(daemon_env(VALOR_HTTP_HOST="0.0.0.0"))
+    assert process.wait(timeout=DEADLINE_SECONDS) == 2, log.text[-3000:]
+    wait_until(lambda: "Refusing to host on 0.0.0.0" in log.text, 10, "the reason in the log")

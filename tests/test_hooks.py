@@ -370,13 +370,14 @@ def test_interactive_prompt_gets_a_workspace_summary(hook_env, tmp_path):
 
 
 # -- through the real Claude Code CLI --------------------------------------------------------------
-def run_claude(claude_bin: Path, env: dict[str, str], prompt: str, data_dir: Path):
+def run_claude(claude_bin: Path, env: dict[str, str], prompt: str, data_dir: Path, server: str):
+    module = {"monitoring-tools": "servers.monitoring", "telegram-tools": "servers.telegram"}
     config = {
         "mcpServers": {
-            "monitoring-tools": {
+            server: {
                 "type": "stdio",
                 "command": ".venv/bin/python",
-                "args": ["-m", "servers.monitoring"],
+                "args": ["-m", module[server]],
                 "env": {"VALOR_DATA_DIR": str(data_dir)},
             }
         }
@@ -392,7 +393,7 @@ def run_claude(claude_bin: Path, env: dict[str, str], prompt: str, data_dir: Pat
         json.dumps(config),
         "--strict-mcp-config",
         "--allowedTools",
-        "mcp__monitoring-tools",
+        f"mcp__{server}",
     ]
     process = subprocess.Popen(
         argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -421,8 +422,9 @@ def test_claude_bridge_session_gets_context_and_records_the_tool_call(
     )
     fake_anthropic.responder = Script(
         [
-            ToolUse(mcp_tool("monitoring-tools", "system_health"), {"window_hours": 1}),
-            lambda request: Text("Health: " + last_tool_result(request)[:200]),
+            # A chat-usable tool: a bridge session (VALOR_CHAT_ID) is not shown operator tools.
+            ToolUse(mcp_tool("telegram-tools", "get_conversation_context"), {}),
+            lambda request: Text("Context: " + last_tool_result(request)[:300]),
         ]
     )
     env = {
@@ -433,17 +435,19 @@ def test_claude_bridge_session_gets_context_and_records_the_tool_call(
         "VALOR_USER_ID": "11",
         "VALOR_USER_NAME": "alice",
     }
-    claude_pid, events = run_claude(claude_bin, env, "How is the system?", valor_env)
+    claude_pid, events = run_claude(
+        claude_bin, env, "What did we say?", valor_env, "telegram-tools"
+    )
     result = events[-1]
     assert result.get("type") == "result" and not result.get("is_error"), result
-    assert '"score"' in result["result"]
+    assert "blue-green deploy" in result["result"]
 
     first = fake_anthropic.main_requests[0]
     assert "Remember: the blue-green deploy" in _conversation(first)
 
     calls = store.query("SELECT * FROM tool_calls")
     assert [(c["server"], c["tool"], c["success"]) for c in calls] == [
-        ("monitoring-tools", "system_health", 1)
+        ("telegram-tools", "get_conversation_context", 1)
     ]
     assert calls[0]["duration_ms"] > 0 and calls[0]["chat_id"] == CHAT
     (session,) = store.query("SELECT * FROM claude_sessions")
@@ -465,7 +469,7 @@ def test_claude_interactive_session_gets_workspace_and_records_a_failure(
         ]
     )
     env = {**claude_env, "VALOR_DATA_DIR": str(valor_env)}
-    _, events = run_claude(claude_bin, env, "Export the metrics", valor_env)
+    _, events = run_claude(claude_bin, env, "Export the metrics", valor_env, "monitoring-tools")
     assert events[-1].get("type") == "result"
     first = fake_anthropic.main_requests[0]
     assert f"Workspace: {REPO_ROOT} (git branch" in _conversation(first)

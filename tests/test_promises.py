@@ -261,7 +261,9 @@ async def test_claude_code_promise_runs_the_real_cli_with_hosted_tools(
     """The real Claude Code CLI, given the hosted servers (scoped to the promise's chat), calls
     a tool and its answer becomes the promise's result."""
     fake_anthropic.responder = call_tool(
-        mcp_tool("daydream-tools", "daydream_history"), {"limit": 3}, "History: {result}"
+        mcp_tool("telegram-tools", "search_conversation_history"),
+        {"query": "refactor"},
+        "History: {result}",
     )
     configure(
         monkeypatch,
@@ -282,12 +284,16 @@ async def test_claude_code_promise_runs_the_real_cli_with_hosted_tools(
         workers(tools=HostedTools(base_url, secret, tuple(SERVERS)))
         done = await asyncio.to_thread(wait_for, store, created["id"], {"completed", "failed"}, 120)
     assert done.status == "completed", done.error
-    assert done.result.startswith("History: ") and '"sessions"' in done.result
+    assert done.result.startswith("History: ") and '"hits"' in done.result
+    assert f'"chat_id":{CHAT}' in done.result.replace(" ", "")  # the token's chat
     first = fake_anthropic.main_requests[0]
     assert "refactor it" in json.dumps(first["messages"])
     offered = {tool["name"] for tool in first.get("tools", [])}
-    assert "mcp__daydream-tools__daydream_history" in offered
+    assert "mcp__telegram-tools__search_conversation_history" in offered
     assert not [name for name in offered if name.startswith("mcp__promise-tools__")]
+    # The promise runs as its chat: operator-only tools are not even offered to the model.
+    assert not [name for name in offered if name.startswith("mcp__daydream-tools__")]
+    assert not [name for name in offered if name.startswith("mcp__monitoring-tools__")]
     rows = store.query("SELECT chat_id, ended_at FROM processes WHERE kind = 'claude-promise'")
     assert [(r["chat_id"], r["ended_at"] is not None) for r in rows] == [(CHAT, True)]
     assert not list((store.path.parent / "run").glob("mcp-*.json"))  # the token file is gone

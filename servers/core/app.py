@@ -6,10 +6,11 @@ import logging
 from typing import Any
 
 from fastmcp import FastMCP
-from fastmcp.exceptions import ToolError, ValidationError
+from fastmcp.exceptions import NotFoundError, ToolError, ValidationError
 from fastmcp.server.middleware import Middleware
 
 from servers.core.errors import input_error, mask_unexpected, redact
+from servers.core.principals import PrincipalToolAccess
 
 
 class MaskUnexpectedErrors(Middleware):
@@ -30,6 +31,8 @@ class MaskUnexpectedErrors(Middleware):
             raise
         except ValidationError as exc:  # the arguments did not match the tool's schema
             raise invalid_arguments(exc) from None
+        except NotFoundError as exc:  # no such tool, or one this principal may not use
+            raise input_error(str(exc)) from None
         except Exception as exc:
             raise mask_unexpected(exc, name) from None
 
@@ -60,9 +63,14 @@ class DropUnmaskedTracebacks(logging.Filter):
 
 
 def create_server(name: str, instructions: str) -> FastMCP:
+    """A Valor server: errors masked and logged, and each principal shown and allowed only the
+    tools it may use (``servers.core.principals``)."""
     fastmcp_logger = logging.getLogger("fastmcp.server.server")
     if not any(isinstance(f, DropUnmaskedTracebacks) for f in fastmcp_logger.filters):
         fastmcp_logger.addFilter(DropUnmaskedTracebacks())
     server = FastMCP(name, instructions=instructions, mask_error_details=True)
     server.add_middleware(MaskUnexpectedErrors())
+    # Inside the masking: a refused call raises the very error an unknown tool raises, and is
+    # answered through the same path.
+    server.add_middleware(PrincipalToolAccess(name))
     return server

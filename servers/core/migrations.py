@@ -3,7 +3,8 @@
 Each version is a list of statements run in one transaction. Versions are never edited once
 landed; a change is a new version. Reserved numbers keep parallel work from colliding:
 1 foundation (messages, processes), 2 links (social-tools), 3 tool calls and Claude Code sessions
-(monitoring), 4 bridge (inbox, chat sessions, outbox), 5 daemon (daydream sessions, promises).
+(monitoring), 4 bridge (inbox, chat sessions, outbox), 5 daemon (daydream sessions, promises),
+6 issued bearer tokens (auth).
 """
 
 from __future__ import annotations
@@ -241,5 +242,21 @@ MIGRATIONS: dict[int, list[str]] = {
         )
         """,
         "CREATE INDEX promises_by_status ON promises (status, created_at)",
+    ],
+    # 6: bearer tokens minted by `valor token create`, so they can be listed and revoked (the
+    # host looks a token's id up here on every request). Per-run tokens are not recorded.
+    6: [
+        """
+        CREATE TABLE issued_tokens (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            chat_id INTEGER,
+            scopes TEXT NOT NULL DEFAULT '[]',
+            name TEXT,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            revoked_at REAL
+        ) WITHOUT ROWID
+        """,
     ],
 }

@@ -52,12 +52,28 @@ class Settings(BaseSettings):
     )
     scope_secret: SecretStr | None = Field(
         default=None,
-        description="HMAC key for signed chat-scope tokens on HTTP-hosted servers.",
+        description="HMAC key (16+ characters) signing the bearer tokens of HTTP-hosted servers "
+        "(default: a random key generated once into DATA_DIR/scope_secret).",
     )
 
     # --- hosting the servers over HTTP (daemon, bridge, `valor serve --all --http`) ---
     http_host: str = Field(default="127.0.0.1", description="Loopback address to host on.")
     http_port: int = Field(default=8765, ge=0, le=65535, description="0 picks a free port.")
+    http_allow_remote: bool = Field(
+        default=False,
+        description="Allow a non-loopback HTTP_HOST (put a TLS front before it).",
+    )
+    http_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='Extra Host names (or host:port) the host answers, e.g. ["valor.example"]; '
+        "loopback names always work. Origins are checked against the same list.",
+    )
+    jwt_jwks_uri: str | None = Field(
+        default=None,
+        description="JWKS URL of an identity provider whose JWTs the host also accepts.",
+    )
+    jwt_issuer: str | None = Field(default=None, description="Required `iss` of accepted JWTs.")
+    jwt_audience: str | None = Field(default=None, description="Required `aud` of accepted JWTs.")
 
     # --- OpenAI (images, vision, summaries) ---
     openai_api_key: SecretStr | None = Field(
