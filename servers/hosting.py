@@ -303,7 +303,6 @@ def build_app(
     parent = Starlette(
         routes=[Mount(f"/{name}", app=app) for name, app in apps.items()], lifespan=lifespan
     )
-    trust.configure_http_secret(secret)
     db_path = settings.db_path
 
     def revoked(token_id: str) -> bool:

@@ -7,7 +7,7 @@ import stat
 
 from servers.core.claude_runner import ClaudeRun
 from servers.core.mcp_config import HostedTools, endpoint, use_servers
-from servers.core.trust import verify_scope_token
+from servers.core.trust import verify_token
 
 SECRET = b"s" * 32
 TOOLS = HostedTools("http://127.0.0.1:8765/", SECRET, ("telegram-tools", "promise-tools"))
@@ -23,7 +23,7 @@ def test_a_run_gets_every_server_with_a_token_for_its_chat(tmp_path):
         entry = servers["telegram-tools"]
         assert entry["url"] == "http://127.0.0.1:8765/telegram-tools/mcp"
         token = entry["headers"]["Authorization"].removeprefix("Bearer ")
-        assert verify_scope_token(SECRET, token).chat_id == 42
+        assert verify_token(SECRET, token).chat_id == 42
         assert run.expected_servers == ["telegram-tools", "promise-tools"]
         # The servers' tools come first, then what the run allowed already.
         assert run.allowed_tools == ["mcp__telegram-tools", "mcp__promise-tools", "Read"]

@@ -55,7 +55,6 @@ SECRET_FILE_NAME = "scope_secret"  # noqa: S105 - a file name
 MIN_SECRET_CHARS = 16
 # Where the host keeps the verified principal on the ASGI scope of the request it lets through.
 PRINCIPAL_SCOPE_KEY = "valor.principal"
-_http_secret: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,6 @@ class ScopeTokenError(ValueError):
 
 def new_secret() -> bytes:
     return secrets.token_bytes(32)
-
-
-def configure_http_secret(secret: bytes | None) -> None:
-    """Set by the process that hosts the servers over HTTP; tools verify tokens against it."""
-    global _http_secret
-    _http_secret = secret
 
 
 # -- the persistent secret -----------------------------------------------------------------------
@@ -225,11 +218,6 @@ def verify_token(
     return principal
 
 
-def verify_scope_token(secret: bytes, token: str) -> ChatScope:
-    """The chat a token fixes (the older, chat-only view of ``verify_token``)."""
-    return ChatScope(chat_id=verify_token(secret, token).chat_id, source="token")
-
-
 def _sign(secret: bytes, payload: str) -> str:
     return hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
 
@@ -245,31 +233,20 @@ def bearer_token(authorization: str | None) -> str | None:
 def current_principal() -> Principal:
     """The principal of the tool call being served.
 
-    Over HTTP: the one the host verified from the request's bearer token. Outside HTTP (stdio, an
-    in-memory client): a chat run when ``VALOR_CHAT_ID`` is set, else the operator.
+    Over HTTP: the one the host (``servers.hosting.HostGuard``) verified from the request's
+    bearer token; a request no host vouched for is refused. Outside HTTP (stdio, an in-memory
+    client): a chat run when ``VALOR_CHAT_ID`` is set, else the operator.
     """
     request = _current_request()
     if request is not None:
         principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
-        if isinstance(principal, Principal):
-            return principal
-        return _principal_from_header(request.headers.get("authorization"))
+        if not isinstance(principal, Principal):
+            raise ValorError(Category.CONFIG, "This server answers only behind Valor's host.")
+        return principal
     from servers.core.settings import get_settings
 
     chat_id = get_settings().chat_id
     return OPERATOR if chat_id is None else chat_principal(chat_id)
-
-
-def _principal_from_header(authorization: str | None) -> Principal:
-    """A request the host did not vouch for (a server app run without the host): verify here."""
-    secret = _http_secret
-    token = bearer_token(authorization)
-    if secret is None or token is None:
-        raise ValorError(Category.CONFIG, "This server requires a bearer token.")
-    try:
-        return verify_token(secret, token)
-    except ScopeTokenError as exc:
-        raise ValorError(Category.CONFIG, f"Token refused: {exc}.") from None
 
 
 def current_scope() -> ChatScope:
