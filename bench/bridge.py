@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import CLAUDE, start_claude_print  # noqa: E402
+from bench.common import CLAUDE, claude_env, start_claude_print  # noqa: E402
 
 
 def isolated_env(data_dir: Path, **extra: str) -> None:
@@ -136,14 +136,7 @@ async def latency(rounds: int, work: Path) -> None:
         fake.responder = reply_with("pong")
         home = work / "home"
         home.mkdir()
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(home),
-            "ANTHROPIC_BASE_URL": fake.url,
-            "ANTHROPIC_API_KEY": "bench-key",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "DISABLE_AUTOUPDATER": "1",
-        }
+        env = claude_env(fake.url, home)
         # The repo is the workdir (its hooks run in all three); .mcp.json's commands are relative.
         isolated_env(
             work / "latency-data",

@@ -73,6 +73,20 @@ def heavy_modules_loaded(modules: list[str], heavy: tuple[str, ...]) -> str:
     ).stdout.strip()
 
 
+def claude_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
+    """An environment for the real Claude Code against a fake Anthropic API: its own home, no
+    traffic to Anthropic's hosts, no auto-update."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": api_url,
+        "ANTHROPIC_API_KEY": "bench-key",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        **extra,
+    }
+
+
 async def start_claude_print(
     env: dict[str, str], workdir: Path, mcp_config: Path | None = None
 ) -> asyncio.subprocess.Process:

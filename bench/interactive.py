@@ -33,7 +33,7 @@ from typing import NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import CLAUDE, start_claude_print  # noqa: E402
+from bench.common import CLAUDE, claude_env, start_claude_print  # noqa: E402
 
 VARIANTS = {
     "bare": "bare claude -p, no MCP servers",
@@ -141,16 +141,9 @@ async def measure(rounds: int, work: Path) -> dict[str, list[Run]]:
     results: dict[str, list[Run]] = {key: [] for key in VARIANTS}
     with FakeAnthropic() as fake:
         fake.responder = responder
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(home),
-            "ANTHROPIC_BASE_URL": fake.url,
-            "ANTHROPIC_API_KEY": "bench-key",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "CLAUDE_CODE_MAX_RETRIES": "0",
-            "DISABLE_AUTOUPDATER": "1",
-            "VALOR_DATA_DIR": str(work / "data"),
-        }
+        env = claude_env(
+            fake.url, home, CLAUDE_CODE_MAX_RETRIES="0", VALOR_DATA_DIR=str(work / "data")
+        )
         async with hosted(secret) as base_url:
             tools = HostedTools(base_url, secret, tuple(SERVERS))
             with runtime_mcp_config(tools.config(None, ttl_seconds=3600), work) as http_config:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -27,19 +26,9 @@ from servers.core.settings import REPO_ROOT, get_settings
 from servers.core.store import get_store
 from servers.core.trust import load_scope_secret, mint_scope_token, mint_token, new_secret
 from servers.hosting import endpoint, hosted
-from tests.support import configure, texts, wait_until
+from tests.support import INITIALIZE_REQUEST, configure, free_port, texts, wait_until
 
 CHAT = 4242
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "test", "version": "0"},
-    },
-}
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
@@ -68,7 +57,9 @@ def assert_refused_everywhere(
             if token is not None:
                 headers["Authorization"] = f"Bearer {token}"
             for server in servers:
-                reply = http.post(endpoint(base_url, server), json=INITIALIZE, headers=headers)
+                reply = http.post(
+                    endpoint(base_url, server), json=INITIALIZE_REQUEST, headers=headers
+                )
                 assert reply.status_code == 401, (name, server, reply.text)
                 challenge = reply.headers["www-authenticate"]
                 metadata = f"{base_url}/.well-known/oauth-protected-resource/{server}/mcp"
@@ -87,7 +78,7 @@ async def test_every_server_path_refuses_missing_bad_expired_revoked_and_foreign
         async with httpx.AsyncClient(timeout=30) as http:
             reason = await http.post(
                 endpoint(base_url, "telegram-tools"),
-                json=INITIALIZE,
+                json=INITIALIZE_REQUEST,
                 headers={**MCP_HEADERS, "Authorization": f"Bearer {expired}"},
             )
     assert 'error_description="expired"' in reason.headers["www-authenticate"]
@@ -117,22 +108,26 @@ async def test_foreign_host_and_origin_are_refused():
         url = endpoint(base_url, "telegram-tools")
         auth = {**MCP_HEADERS, "Authorization": f"Bearer {token}"}
         foreign_host = await http.post(
-            url, json=INITIALIZE, headers={**auth, "Host": f"evil.example:{port}"}
+            url, json=INITIALIZE_REQUEST, headers={**auth, "Host": f"evil.example:{port}"}
         )
-        wrong_port = await http.post(url, json=INITIALIZE, headers={**auth, "Host": "127.0.0.1:1"})
+        wrong_port = await http.post(
+            url, json=INITIALIZE_REQUEST, headers={**auth, "Host": "127.0.0.1:1"}
+        )
         metadata_foreign = await http.get(
             f"{base_url}/.well-known/oauth-protected-resource",
             headers={"Host": f"evil.example:{port}"},
         )
         foreign_origin = await http.post(
-            url, json=INITIALIZE, headers={**auth, "Origin": f"http://evil.example:{port}"}
+            url, json=INITIALIZE_REQUEST, headers={**auth, "Origin": f"http://evil.example:{port}"}
         )
-        null_origin = await http.post(url, json=INITIALIZE, headers={**auth, "Origin": "null"})
+        null_origin = await http.post(
+            url, json=INITIALIZE_REQUEST, headers={**auth, "Origin": "null"}
+        )
         own_origin = await http.post(
-            url, json=INITIALIZE, headers={**auth, "Origin": f"http://localhost:{port}"}
+            url, json=INITIALIZE_REQUEST, headers={**auth, "Origin": f"http://localhost:{port}"}
         )
         localhost = await http.post(
-            url, json=INITIALIZE, headers={**auth, "Host": f"localhost:{port}"}
+            url, json=INITIALIZE_REQUEST, headers={**auth, "Host": f"localhost:{port}"}
         )
     assert foreign_host.status_code == 421
     assert wrong_port.status_code == 421
@@ -150,7 +145,7 @@ async def test_configured_host_names_are_answered(monkeypatch):
     async with hosted(secret) as base_url, httpx.AsyncClient(timeout=30) as http:
         reply = await http.post(
             endpoint(base_url, "telegram-tools"),
-            json=INITIALIZE,
+            json=INITIALIZE_REQUEST,
             headers={
                 **MCP_HEADERS,
                 "Authorization": f"Bearer {token}",
@@ -168,10 +163,10 @@ async def test_a_token_narrowed_to_one_server_reaches_only_that_server():
     headers = {**MCP_HEADERS, "Authorization": f"Bearer {narrowed}"}
     async with hosted(secret) as base_url, httpx.AsyncClient(timeout=30) as http:
         own = await http.post(
-            endpoint(base_url, "telegram-tools"), json=INITIALIZE, headers=headers
+            endpoint(base_url, "telegram-tools"), json=INITIALIZE_REQUEST, headers=headers
         )
         other = await http.post(
-            endpoint(base_url, "social-tools"), json=INITIALIZE, headers=headers
+            endpoint(base_url, "social-tools"), json=INITIALIZE_REQUEST, headers=headers
         )
     assert own.status_code == 200
     assert other.status_code == 403
@@ -214,13 +209,13 @@ async def test_a_token_survives_a_host_restart_and_revocation_takes_effect():
     for _ in range(2):  # the second host is a fresh start on the same data directory
         async with hosted() as base_url, httpx.AsyncClient(timeout=30) as http:
             reply = await http.post(
-                endpoint(base_url, "monitoring-tools"), json=INITIALIZE, headers=headers
+                endpoint(base_url, "monitoring-tools"), json=INITIALIZE_REQUEST, headers=headers
             )
         assert reply.status_code == 200, reply.text
     tokens_issued.revoke_token(store, issued.id)
     async with hosted() as base_url, httpx.AsyncClient(timeout=30) as http:
         reply = await http.post(
-            endpoint(base_url, "monitoring-tools"), json=INITIALIZE, headers=headers
+            endpoint(base_url, "monitoring-tools"), json=INITIALIZE_REQUEST, headers=headers
         )
     assert reply.status_code == 401
     assert 'error_description="revoked"' in reply.headers["www-authenticate"]
@@ -263,12 +258,6 @@ def test_the_scope_secret_setting_is_used_when_set(monkeypatch, valor_env: Path)
 
 
 # -- `valor serve ... --http` as a process ------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def serve_process(valor_env: Path) -> Iterator:
     started: list[subprocess.Popen] = []
@@ -314,7 +303,7 @@ def test_valor_serve_all_http_refuses_every_bad_token(serve_process):
     token = tokens_issued.issue_token(get_store(get_settings().db_path), secret, OPERATOR, 60)[0]
     reply = httpx.post(
         endpoint(base_url, "daydream-tools"),
-        json=INITIALIZE,
+        json=INITIALIZE_REQUEST,
         headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
         timeout=30,
     )
@@ -478,7 +467,7 @@ async def test_jwts_from_a_configured_identity_provider_are_accepted(monkeypatch
             }.items():
                 reply = await http.post(
                     url,
-                    json=INITIALIZE,
+                    json=INITIALIZE_REQUEST,
                     headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
                 )
                 refused[name] = reply.status_code

@@ -20,7 +20,7 @@ from servers.core.app import create_server
 from servers.core.client_config import ClientConfigError
 from servers.core.settings import REPO_ROOT
 from tests.fakes import call_tool, mcp_tool
-from tests.support import call, texts
+from tests.support import INITIALIZE_REQUEST, call, free_port, texts
 
 SERVER_NAMES = list(SERVERS)
 TOKEN = "v2.test-token-not-a-real-one"
@@ -206,19 +206,9 @@ async def test_the_generated_stdio_config_answers_the_official_client_from_elsew
 
 
 def test_serve_all_runs_the_bundle_over_stdio(tmp_path):
-    request = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "test", "version": "0"},
-        },
-    }
     completed = subprocess.run(
         [sys.executable, "-m", "scheduler.cli", "serve", "--all"],
-        input=json.dumps(request) + "\n",
+        input=json.dumps(INITIALIZE_REQUEST) + "\n",
         capture_output=True,
         text=True,
         timeout=120,
@@ -231,6 +221,42 @@ def test_serve_all_runs_the_bundle_over_stdio(tmp_path):
 
 
 # -- the real Claude Code CLI ---------------------------------------------------------------------
+def claude_elsewhere(
+    claude_bin: Path, env: dict[str, str], tmp_path: Path, config_text: str, server: str
+) -> tuple[list[dict], dict]:
+    """Claude Code started in a directory outside the repository with ``config_text`` as its MCP
+    config, allowed ``server``'s tools: its init line's servers and its final result."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = elsewhere / "valor.json"
+    config.write_text(config_text)
+    completed = subprocess.run(
+        [
+            str(claude_bin),
+            "-p",
+            "what is queued?",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--strict-mcp-config",
+            "--mcp-config",
+            str(config),
+            "--allowedTools",
+            f"mcp__{server}",
+        ],
+        env=env,
+        cwd=elsewhere,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    events = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert events, completed.stderr
+    init = next(event for event in events if event.get("subtype") == "init")
+    return init["mcp_servers"], events[-1]
+
+
 @pytest.mark.e2e
 def test_claude_code_outside_the_repo_connects_and_calls_a_tool(
     claude_bin, claude_env, fake_anthropic, tmp_path
@@ -244,50 +270,14 @@ def test_claude_code_outside_the_repo_connects_and_calls_a_tool(
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         check=True,
     )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    config = elsewhere / "valor.json"
-    config.write_text(printed.stdout)
     tool = mcp_tool(BUNDLE_NAME, "list_promises")
     fake_anthropic.responder = call_tool(tool, {}, "Promises: {result}")
     env = {**claude_env, "VALOR_DATA_DIR": os.environ["VALOR_DATA_DIR"]}
-    completed = subprocess.run(
-        [
-            str(claude_bin),
-            "-p",
-            "what is queued?",
-            "--output-format",
-            "stream-json",
-            "--verbose",
-            "--strict-mcp-config",
-            "--mcp-config",
-            str(config),
-            "--allowedTools",
-            f"mcp__{BUNDLE_NAME}",
-        ],
-        env=env,
-        cwd=elsewhere,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    events = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
-    assert events, completed.stderr
-    init = next(event for event in events if event.get("subtype") == "init")
-    assert [(s["name"], s["status"]) for s in init["mcp_servers"]] == [(BUNDLE_NAME, "connected")]
-    result = events[-1]
+    servers, result = claude_elsewhere(claude_bin, env, tmp_path, printed.stdout, BUNDLE_NAME)
+    assert [(s["name"], s["status"]) for s in servers] == [(BUNDLE_NAME, "connected")]
     assert result["is_error"] is False, result
     assert result["result"].startswith("Promises: ")
     assert "promises" in result["result"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def answers(url: str) -> bool:
@@ -337,43 +327,15 @@ def test_claude_code_outside_the_repo_uses_the_http_host_with_a_token(
             timeout=60,
             check=True,
         )
-        elsewhere = tmp_path / "elsewhere"
-        elsewhere.mkdir()
-        config = elsewhere / "valor.json"
-        config.write_text(printed.stdout)
         fake_anthropic.responder = call_tool(
             mcp_tool("promise-tools", "list_promises"), {}, "Promises: {result}"
         )
-        completed = subprocess.run(
-            [
-                str(claude_bin),
-                "-p",
-                "what is queued?",
-                "--output-format",
-                "stream-json",
-                "--verbose",
-                "--strict-mcp-config",
-                "--mcp-config",
-                str(config),
-                "--allowedTools",
-                "mcp__promise-tools",
-            ],
-            env=claude_env,
-            cwd=elsewhere,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=180,
+        servers, result = claude_elsewhere(
+            claude_bin, claude_env, tmp_path, printed.stdout, "promise-tools"
         )
     finally:
         host.terminate()
         host.wait(timeout=30)
-    events = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
-    assert events, completed.stderr
-    init = next(event for event in events if event.get("subtype") == "init")
-    assert {s["name"]: s["status"] for s in init["mcp_servers"]} == dict.fromkeys(
-        SERVER_NAMES, "connected"
-    )
-    result = events[-1]
+    assert {s["name"]: s["status"] for s in servers} == dict.fromkeys(SERVER_NAMES, "connected")
     assert result["is_error"] is False, result
     assert result["result"].startswith("Promises: ")

@@ -19,7 +19,7 @@ from scheduler.daemon import Daemon, cron_trigger, in_quiet_hours, parse_quiet_h
 from servers.core import promises
 from servers.core.outbox import pending_outbound
 from servers.core.settings import REPO_ROOT, get_settings
-from tests.support import configure, wait_until, wait_until_async
+from tests.support import INITIALIZE_REQUEST, configure, wait_until, wait_until_async
 
 DEADLINE_SECONDS = 60.0  # generous: these tests must pass on a busy 2-core machine
 
@@ -296,16 +296,6 @@ def test_the_daemons_host_demands_tokens_and_accepts_its_own_after_a_restart(sto
     from servers.core.trust import load_scope_secret
     from servers.hosting import endpoint
 
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "test", "version": "0"},
-        },
-    }
     accept = {"Accept": "application/json, text/event-stream"}
     token = None
     for start in range(2):  # the second start is a restart on the same data directory
@@ -319,12 +309,12 @@ def test_the_daemons_host_demands_tokens_and_accepts_its_own_after_a_restart(sto
                 url = endpoint(base_url, server)
                 for bad in (None, "v2.forged.token", token + "x"):
                     headers = {**accept, **({"Authorization": f"Bearer {bad}"} if bad else {})}
-                    refused = httpx.post(url, json=initialize, headers=headers, timeout=30)
+                    refused = httpx.post(url, json=INITIALIZE_REQUEST, headers=headers, timeout=30)
                     assert refused.status_code == 401, (start, server, bad, refused.text)
                     assert "resource_metadata=" in refused.headers["www-authenticate"]
             accepted = httpx.post(
                 endpoint(base_url, "monitoring-tools"),
-                json=initialize,
+                json=INITIALIZE_REQUEST,
                 headers={**accept, "Authorization": f"Bearer {token}"},
                 timeout=30,
             )

@@ -7,6 +7,19 @@ from typing import Any
 from fastmcp import Client, FastMCP
 from fastmcp.client.client import CallToolResult
 
+# A raw JSON-RPC initialize, for tests that speak to a server below any MCP client (HTTP status
+# codes and headers, a stdio process's first reply).
+INITIALIZE_REQUEST: dict[str, Any] = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "0"},
+    },
+}
+
 
 async def call(
     server: FastMCP, tool: str, arguments: dict[str, Any] | None = None, **client_options: Any
