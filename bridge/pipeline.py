@@ -30,17 +30,16 @@ from bridge import inbox
 from bridge.reply import editing_reply
 from bridge.transport import IncomingMessage, ReplySink, Transport
 from servers.core import history, outbox
-from servers.core.claude_runner import (
+from servers.core.claude_command import ClaudeRun
+from servers.core.claude_events import (
     ApiRetryEvent,
-    ClaudeRun,
-    ClaudeRunner,
     Event,
     PermissionDenialEvent,
-    RunOutcome,
     TextEvent,
     ToolResultEvent,
     ToolUseEvent,
 )
+from servers.core.claude_runner import ClaudeRunner, RunOutcome
 from servers.core.errors import Category, ValorError, mask_unexpected, redact
 from servers.core.mcp_config import HostedTools, private_run_file, use_servers
 from servers.core.store import Store

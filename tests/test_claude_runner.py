@@ -13,10 +13,9 @@ import uuid
 import pytest
 
 from servers.core import outbox
-from servers.core.claude_runner import (
+from servers.core.claude_command import ClaudeRun, build_argv, build_env
+from servers.core.claude_events import (
     ApiRetryEvent,
-    ClaudeRun,
-    ClaudeRunner,
     InitEvent,
     MalformedLine,
     PermissionDenialEvent,
@@ -25,10 +24,9 @@ from servers.core.claude_runner import (
     ToolResultEvent,
     ToolUseEvent,
     UnknownEvent,
-    build_argv,
-    build_env,
     parse_stream_line,
 )
+from servers.core.claude_runner import ClaudeRunner
 from servers.core.errors import Category
 from servers.core.mcp_config import http_mcp_config, runtime_mcp_config
 from servers.core.settings import REPO_ROOT, get_settings

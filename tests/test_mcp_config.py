@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import stat
 
-from servers.core.claude_runner import ClaudeRun
+from servers.core.claude_command import ClaudeRun
 from servers.core.mcp_config import HostedTools, endpoint, use_servers
 from servers.core.trust import verify_token
 

@@ -177,13 +177,9 @@ async def run_bug_report(
     runner: Any = None,
     heartbeat_seconds: float = HEARTBEAT_SECONDS,
 ) -> BugReport:
-    from servers.core.claude_runner import (
-        ClaudeRun,
-        ClaudeRunner,
-        InitEvent,
-        ResultEvent,
-        ToolUseEvent,
-    )
+    from servers.core.claude_command import ClaudeRun
+    from servers.core.claude_events import InitEvent, ResultEvent, ToolUseEvent
+    from servers.core.claude_runner import ClaudeRunner
     from servers.core.settings import get_settings
 
     settings = settings or get_settings()

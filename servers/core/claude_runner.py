@@ -8,10 +8,6 @@ and environment are built live in ``claude_command``; the stream-json events in
 - runs in its own process group; on timeout or cancellation the whole tree is ended;
 - falls back once to a fresh session when ``--resume`` names a session Claude Code cannot find;
 - checks the init line: an MCP server that is not "connected" is reported, not ignored.
-
-The names other modules import from here (events, ``ClaudeRun``, ``build_argv``, ``build_env``,
-``end_process_tree`` …) are re-exported, so ``from servers.core.claude_runner import …`` keeps
-working.
 """
 
 from __future__ import annotations
@@ -27,23 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from servers.core.claude_command import (
     ClaudeRun,
-    build_argv,
     build_env,
-    protected_path_rules,
     run_argv,
-    secret_env_names,
 )
 from servers.core.claude_events import (
-    ApiRetryEvent,
     Event,
     InitEvent,
     MalformedLine,
-    McpServerStatus,
-    PermissionDenialEvent,
     ResultEvent,
     TextEvent,
-    ToolResultEvent,
-    ToolUseEvent,
     UnknownEvent,
     parse_stream_line,
 )
@@ -59,33 +47,6 @@ from servers.core.store import Store
 
 if TYPE_CHECKING:
     from servers.core.settings import Settings
-
-__all__ = [
-    "KILL_GRACE_SECONDS",
-    "ApiRetryEvent",
-    "ClaudeRun",
-    "ClaudeRunner",
-    "Event",
-    "EventHandler",
-    "InitEvent",
-    "MalformedLine",
-    "McpServerStatus",
-    "PermissionDenialEvent",
-    "ResultEvent",
-    "RunOutcome",
-    "TextEvent",
-    "ToolResultEvent",
-    "ToolUseEvent",
-    "UnknownEvent",
-    "build_argv",
-    "build_env",
-    "classify_failure",
-    "end_process_tree",
-    "parse_stream_line",
-    "protected_path_rules",
-    "run_argv",
-    "secret_env_names",
-]
 
 log = logging.getLogger("valor.claude")
 

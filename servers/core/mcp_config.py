@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from servers.core.trust import mint_scope_token
 
 if TYPE_CHECKING:
-    from servers.core.claude_runner import ClaudeRun
+    from servers.core.claude_command import ClaudeRun
 
 MCP_PATH = "/mcp"  # each hosted server's endpoint, under its /<server-name> mount
 

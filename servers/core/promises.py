@@ -103,7 +103,8 @@ def _claude_code(
     import asyncio
     import contextlib
 
-    from servers.core.claude_runner import ClaudeRun, ClaudeRunner
+    from servers.core.claude_command import ClaudeRun
+    from servers.core.claude_runner import ClaudeRunner
     from servers.core.store import get_store
 
     request = ClaudeRun(
