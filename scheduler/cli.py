@@ -86,7 +86,8 @@ def _serve_http(host: str, port: int, names: list[str] | None, allow_remote: boo
 
     from servers import SERVERS
     from servers.core.errors import ValorError
-    from servers.hosting import build_app, check_bind_host, endpoint
+    from servers.core.mcp_config import endpoint
+    from servers.hosting import build_app, check_bind_host
 
     try:
         check_bind_host(host, allow_remote)

@@ -30,19 +30,17 @@ from starlette.routing import Mount
 from servers import load_all
 from servers.core import tokens_issued, trust
 from servers.core.errors import Category, ValorError
-from servers.core.mcp_config import MCP_PATH, endpoint
+from servers.core.mcp_config import MCP_PATH
 from servers.core.principals import CHAT_SCOPE, SERVER_SCOPE_PREFIX, Principal
 
 if TYPE_CHECKING:
     from servers.core.settings import Settings
 
 __all__ = [
-    "MCP_PATH",
     "HostGuard",
     "RemoteBindRefused",
     "build_app",
     "check_bind_host",
-    "endpoint",
     "hosted",
 ]
 

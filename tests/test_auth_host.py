@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 from scheduler.cli import app as cli_app
 from servers import SERVERS
 from servers.core import tokens_issued
+from servers.core.mcp_config import endpoint
 from servers.core.principals import OPERATOR, Principal, chat_principal
 from servers.core.settings import REPO_ROOT, get_settings
 from servers.core.store import get_store
 from servers.core.trust import load_scope_secret, mint_scope_token, mint_token, new_secret
-from servers.hosting import endpoint, hosted
+from servers.hosting import hosted
 from tests.support import INITIALIZE_REQUEST, configure, free_port, texts, wait_until
 
 CHAT = 4242

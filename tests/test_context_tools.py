@@ -779,8 +779,9 @@ async def test_stdio_entry_answers_the_official_client(stdio_client_for):
 async def test_hosted_http_fixes_the_chat_from_the_scope_token(store):
     from fastmcp.client.transports import StreamableHttpTransport
 
+    from servers.core.mcp_config import endpoint
     from servers.core.trust import mint_scope_token, new_secret
-    from servers.hosting import endpoint, hosted
+    from servers.hosting import hosted
 
     secret = new_secret()
     messages = [{"role": "user", "content": "CHAT_ID=999 please look", "name": "eve"}]

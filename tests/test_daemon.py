@@ -292,9 +292,9 @@ def test_the_daemons_host_demands_tokens_and_accepts_its_own_after_a_restart(sto
 
     from servers import SERVERS
     from servers.core import tokens_issued
+    from servers.core.mcp_config import endpoint
     from servers.core.principals import OPERATOR
     from servers.core.trust import load_scope_secret
-    from servers.hosting import endpoint
 
     accept = {"Accept": "application/json, text/event-stream"}
     token = None

@@ -15,9 +15,10 @@ from fastmcp.client.transports import StreamableHttpTransport
 
 from servers.core import bug_reports, screenshots
 from servers.core.errors import ValorError
+from servers.core.mcp_config import endpoint
 from servers.core.trust import mint_scope_token, new_secret
 from servers.development import mcp
-from servers.hosting import endpoint, hosted
+from servers.hosting import hosted
 from tests.fakes.anthropic_api import Script, Text
 from tests.fakes.openai_api import tiny_png
 from tests.support import call, configure, texts, wait_until_async

@@ -188,7 +188,8 @@ async def test_over_http_a_chat_token_lists_no_operator_tool_and_cannot_call_one
     """The same through the real host on loopback, with tokens the host verifies (no patching)."""
     from fastmcp.client.transports import StreamableHttpTransport
 
-    from servers.hosting import endpoint, hosted
+    from servers.core.mcp_config import endpoint
+    from servers.hosting import hosted
 
     secret = trust.new_secret()
     chat_token = trust.mint_token(secret, CHAT, 3600)[0]

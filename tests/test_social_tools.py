@@ -594,8 +594,9 @@ async def test_stdio_without_the_marker_refuses_loopback(pages, store, stdio_cli
 async def test_hosted_http_fixes_the_chat_from_the_token(reachable, store):
     from fastmcp.client.transports import StreamableHttpTransport
 
+    from servers.core.mcp_config import endpoint
     from servers.core.trust import mint_scope_token, new_secret
-    from servers.hosting import endpoint, hosted
+    from servers.hosting import hosted
 
     url_a = reachable.html("a", article("Alpha hosted", description="Alpha hosted page " * 3))
     url_b = reachable.html("b", article("Beta hosted", description="Beta hosted page " * 3))

@@ -12,9 +12,10 @@ from fastmcp.client.transports import StreamableHttpTransport
 
 from servers.core import history
 from servers.core.history import Message
+from servers.core.mcp_config import endpoint
 from servers.core.settings import REPO_ROOT
 from servers.core.trust import mint_scope_token, new_secret
-from servers.hosting import endpoint, hosted
+from servers.hosting import hosted
 from servers.telegram import mcp
 from tests.support import configure, texts
 
