@@ -71,6 +71,14 @@ def wait_for(store, promise_id, states, timeout=DEADLINE_SECONDS):
         raise AssertionError(f"promise {promise_id} is {status}, not in {states}") from timed_out
 
 
+def wait_delivered(store, promise_id, timeout=DEADLINE_SECONDS):
+    """The worker queues the outcome for the chat just after it records the status: wait for
+    that too, rather than for a machine fast enough to have done it already."""
+    wait_until(
+        lambda: promises.get_promise(store, promise_id).delivery, timeout, "the delivery recorded"
+    )
+
+
 def drain(pool, timeout=DEADLINE_SECONDS):
     """Wait until the pool took everything off the queue and finished it, then stop it: what
     must not happen (a run, a retry, an overwrite) would have happened by then."""
@@ -90,6 +98,7 @@ async def test_lifecycle_to_completed_and_delivered(store, research, workers):
     workers()
     done = wait_for(store, created["id"], {"completed", "failed"})
     assert done.status == "completed", done.error
+    wait_delivered(store, created["id"])
     status = (await call(mcp, "promise_status", {"promise_id": created["id"]})).structured_content
     assert "Python 3.14 is out." in status["result"]
     assert "https://python.org/downloads" in status["result"]
@@ -297,6 +306,7 @@ async def test_claude_code_promise_runs_the_real_cli_with_hosted_tools(
     rows = store.query("SELECT chat_id, ended_at FROM processes WHERE kind = 'claude-promise'")
     assert [(r["chat_id"], r["ended_at"] is not None) for r in rows] == [(CHAT, True)]
     assert not list((store.path.parent / "run").glob("mcp-*.json"))  # the token file is gone
+    wait_delivered(store, created["id"])
     assert pending_outbound(store)[0].chat_id == CHAT
 
 
