@@ -2,13 +2,19 @@
 
 The real Claude Code CLI (node_modules/.bin/claude) answers one `-p` prompt against the fake
 Anthropic API (tests/fakes), started from a directory outside the repository, with:
-  (bare)   no MCP servers;
-  (eight)  the eight stdio servers of .mcp.json (its commands made absolute);
-  (single) the single stdio process from `valor mcp-config` (servers.bundle);
-  (http)   every server hosted over HTTP in this process (servers.hosting.hosted), with a token.
+  (bare)    no MCP servers;
+  (eight)   the eight stdio servers of .mcp.json (its commands made absolute);
+  (single)  the single stdio process from `valor mcp-config`: the bundle behind its front
+            (servers.stdio_front), which answers Claude Code's listings from its cache (warm:
+            the untimed first run filled it; that cold run is printed too) and starts the bundle
+            as its child once Claude Code has the tool list (also: at once, at the first call);
+  (direct)  the same bundle without the front (`valor mcp-config --direct`);
+  (http)    every server hosted over HTTP by a separate host process (`valor serve --all --http`,
+            what the daemon hosts), with an operator token.
 For each: the time from starting `claude` to its first model request (Claude Code waits for every
 MCP server before that request), and the total RSS of the tool processes (the claude process's
-python descendants) sampled at that request. Medians over interleaved rounds.
+python descendants: for single, the front and the bundle) sampled at that request. Medians over
+interleaved rounds, and each median's ratio to bare.
 Targets: single <= 1.5x bare and <= 150 MB of tool processes; http <= 1.15x bare.
 
     .venv/bin/python bench/interactive.py              # 5 rounds
@@ -19,9 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import secrets
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,13 +43,16 @@ from typing import NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import CLAUDE, claude_env, start_claude_print  # noqa: E402
+from bench.common import CLAUDE, PYTHON, claude_env, start_claude_print  # noqa: E402
 
 VARIANTS = {
     "bare": "bare claude -p, no MCP servers",
     "eight": "eight stdio servers (.mcp.json)",
-    "single": "single stdio process (bundle)",
-    "http": "hosted HTTP endpoint, with a token",
+    "single": "single stdio process (front, warm cache)",
+    "eager": "  same, bundle started at once",
+    "lazy": "  same, bundle started at the first call",
+    "direct": "single stdio process (bundle, no front)",
+    "http": "HTTP host process, with a token",
 }
 
 
@@ -109,12 +122,11 @@ def absolute_mcp_json(path: Path) -> dict:
     return config
 
 
-async def measure(rounds: int, work: Path) -> dict[str, list[Run]]:
+async def measure(rounds: int, work: Path) -> tuple[dict[str, list[Run]], dict[str, Run], int]:
+    """Interleaved rounds of every variant; also the untimed first (cold) run of each."""
     from servers import SERVERS
     from servers.core import client_config
     from servers.core.mcp_config import HostedTools, runtime_mcp_config
-    from servers.core.trust import new_secret
-    from servers.hosting import hosted
     from tests.fakes import FakeAnthropic, is_main_conversation
 
     probe: list[FirstRequest | None] = [None]
@@ -131,46 +143,101 @@ async def measure(rounds: int, work: Path) -> dict[str, list[Run]]:
     workdir.mkdir()
     home = work / "home"
     home.mkdir()
+    data_dir = work / "data"
     eight = work / "eight.json"
     absolute_mcp_json(eight)
-    single = work / "single.json"
-    single.write_text(
-        client_config.to_text(client_config.build("claude-code", "stdio", list(SERVERS)))
-    )
-    secret = new_secret()
+    stdio_configs = {}
+    for key, direct in (("single", False), ("eager", False), ("lazy", False), ("direct", True)):
+        stdio_configs[key] = work / f"{key}.json"
+        config = client_config.build("claude-code", "stdio", list(SERVERS), direct=direct)
+        if key in ("eager", "lazy"):  # when the front starts the bundle (default: listed)
+            config["mcpServers"][client_config.BUNDLE_SERVER]["env"]["VALOR_STDIO_FRONT_START"] = (
+                key
+            )
+        stdio_configs[key].write_text(client_config.to_text(config))
+    secret = secrets.token_hex(32)
     results: dict[str, list[Run]] = {key: [] for key in VARIANTS}
-    with FakeAnthropic() as fake:
+    cold: dict[str, Run] = {}
+    with FakeAnthropic() as fake, http_host(work, data_dir, secret) as base_url:
         fake.responder = responder
-        env = claude_env(
-            fake.url, home, CLAUDE_CODE_MAX_RETRIES="0", VALOR_DATA_DIR=str(work / "data")
-        )
-        async with hosted(secret) as base_url:
-            tools = HostedTools(base_url, secret, tuple(SERVERS))
-            with runtime_mcp_config(tools.config(None, ttl_seconds=3600), work) as http_config:
-                configs = {"bare": None, "eight": eight, "single": single, "http": http_config}
-                for config in configs.values():  # warm the file cache, not measured
-                    await one_run(env, workdir, probe, config)
-                for _ in range(rounds):
-                    for key, config in configs.items():
-                        results[key].append(await one_run(env, workdir, probe, config))
-                        await asyncio.sleep(0.5)  # let the last run's servers exit
-    return results
+        env = claude_env(fake.url, home, CLAUDE_CODE_MAX_RETRIES="0", VALOR_DATA_DIR=str(data_dir))
+        tools = HostedTools(base_url, secret.encode(), tuple(SERVERS))
+        with runtime_mcp_config(tools.config(None, ttl_seconds=3600), work) as http_config:
+            configs = {"bare": None, "eight": eight, **stdio_configs, "http": http_config}
+            for key, config in configs.items():  # warms file caches and the front's cache
+                cold[key] = await one_run(env, workdir, probe, config)
+            for _ in range(rounds):
+                for key, config in configs.items():
+                    results[key].append(await one_run(env, workdir, probe, config))
+                    await asyncio.sleep(0.5)  # let the last run's servers exit
+    return results, cold, len(list((data_dir / "stdio_front").glob("*.json")))
 
 
-def report(results: dict[str, list[Run]], rounds: int) -> None:
+@contextlib.contextmanager
+def http_host(work: Path, data_dir: Path, secret: str):
+    """`valor serve --all --http` in its own process (as the daemon hosts the servers): the
+    bench's fake API and event loop do not share its CPU time or GIL."""
+    import httpx
+
+    port = free_port()
+    log = (work / "host.log").open("w")
+    host = subprocess.Popen(
+        [PYTHON, "-m", "scheduler.cli", "serve", "--all", "--http", "--port", str(port)],
+        cwd=work,
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(REPO),
+            "VALOR_DATA_DIR": str(data_dir),
+            "VALOR_SCOPE_SECRET": secret,
+            "VALOR_LOG_LEVEL": "WARNING",
+        },
+        stdout=log,
+        stderr=log,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"{base_url}/telegram-tools/mcp", timeout=2)
+                break
+            except httpx.HTTPError:
+                if host.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the HTTP host did not start: {work / 'host.log'}"
+                    ) from None
+                time.sleep(0.2)
+        yield base_url
+    finally:
+        host.terminate()
+        host.wait(timeout=30)
+        log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def report(results: dict[str, list[Run]], cold: dict[str, Run], rounds: int, caches: int) -> None:
     med = {key: statistics.median(r.seconds for r in runs) for key, runs in results.items()}
     rss = {key: statistics.median(r.tool_rss_mb for r in runs) for key, runs in results.items()}
     procs = {key: max(r.tool_processes for r in runs) for key, runs in results.items()}
     missing = {key: sum(r.not_connected for r in runs) for key, runs in results.items()}
     print(f"Claude Code {CLAUDE.name} + fake Anthropic API, {rounds} rounds, run outside the repo")
-    print(f"  {'':40} {'first request':>14} {'tool RSS':>10}  spread (s)")
+    print(f"  {'':42} {'first request':>14} {'x bare':>7} {'tool RSS':>9}  spread (s)")
     for key, label in VARIANTS.items():
         spread = ", ".join(f"{r.seconds:.2f}" for r in results[key])
         note = f", {missing[key]} servers not connected in time" if missing[key] else ""
         print(
-            f"  {label:40} {med[key]:>12.3f} s {rss[key]:>7.0f} MB  [{spread}]"
-            f"  ({procs[key]} tool processes{note})"
+            f"  {label:42} {med[key]:>12.3f} s {med[key] / med['bare']:>7.2f} {rss[key]:>6.0f} MB"
+            f"  [{spread}]  ({procs[key]} tool processes{note})"
         )
+    print(
+        f"  first runs (cold caches): single {cold['single'].seconds:.2f} s, "
+        f"direct {cold['direct'].seconds:.2f} s, bare {cold['bare'].seconds:.2f} s"
+    )
     single_ratio = med["single"] / med["bare"]
     http_ratio = med["http"] / med["bare"]
 
@@ -181,6 +248,8 @@ def report(results: dict[str, list[Run]], rounds: int) -> None:
         f"  single/bare = {single_ratio:.2f} ({verdict(single_ratio <= 1.5)} <= 1.5); "
         f"single tool RSS {rss['single']:.0f} MB ({verdict(rss['single'] <= 150)} <= 150 MB)"
     )
+    if caches != 1:
+        print(f"  note: {caches} front cache keys: a source file changed during the run (misses)")
     print(f"  http/bare = {http_ratio:.3f} ({verdict(http_ratio <= 1.15)} <= 1.15)")
     print(f"  eight/bare = {med['eight'] / med['bare']:.2f}, eight tool RSS {rss['eight']:.0f} MB")
 
@@ -198,9 +267,9 @@ def main() -> None:
         if name.startswith(("VALOR_", "ANTHROPIC_", "TELEGRAM_", "OPENAI_", "NOTION_")):
             del os.environ[name]
     with tempfile.TemporaryDirectory(prefix="valor-bench-interactive-") as tmp:
-        os.environ["VALOR_DATA_DIR"] = str(Path(tmp) / "data")  # the in-process host's
-        results = asyncio.run(measure(args.rounds, Path(tmp)))
-    report(results, args.rounds)
+        os.environ["VALOR_DATA_DIR"] = str(Path(tmp) / "data")  # never the developer's store
+        results, cold, caches = asyncio.run(measure(args.rounds, Path(tmp)))
+    report(results, cold, args.rounds, caches)
 
 
 if __name__ == "__main__":

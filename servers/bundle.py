@@ -10,6 +10,10 @@ like any server, so errors are masked at both levels.
 ``--directory`` is where the process reads ``.env`` from (settings read it from the working
 directory); client configs pass the repository, since MCP clients start servers in their own
 working directory and most cannot set one per server.
+
+Client configs and ``valor serve --all`` start this module behind ``servers.stdio_front``, which
+answers the listings from a cache while this process imports FastMCP; run directly it is the
+escape hatch (``valor mcp-config --direct``, ``VALOR_STDIO_FRONT=off``).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def test_stdio_configs_use_absolute_paths(client, per_server):
         command = Path(entry["command"])
         assert command.is_absolute() and os.access(command, os.X_OK), command
         args = entry["args"]
-        assert args[:2] == ["-m", "servers.bundle"]
+        assert args[:2] == ["-m", "servers.stdio_front"]  # the bundle behind its caching front
         directory = Path(args[args.index("--directory") + 1])
         assert directory.is_absolute() and directory == REPO_ROOT.resolve()
         assert entry["env"]["PYTHONPATH"] == str(REPO_ROOT.resolve())
@@ -56,6 +56,18 @@ def test_stdio_configs_use_absolute_paths(client, per_server):
             assert args[args.index("--only") + 1] == name
         else:
             assert "--only" not in args
+
+
+def test_direct_runs_the_bundle_without_its_front():
+    config = client_config.build("claude-code", "stdio", SERVER_NAMES, direct=True)
+    [entry] = stdio_entries(config)
+    assert entry["args"][:2] == ["-m", "servers.bundle"]
+    printed = CliRunner().invoke(app, ["mcp-config", "--print", "--direct"])
+    assert printed.exit_code == 0, printed.output
+    assert json.loads(printed.stdout)["mcpServers"][BUNDLE_NAME]["args"][:2] == [
+        "-m",
+        "servers.bundle",
+    ]
 
 
 @pytest.mark.parametrize("client", ["claude-code", "cursor"])
@@ -227,7 +239,7 @@ def claude_elsewhere(
     """Claude Code started in a directory outside the repository with ``config_text`` as its MCP
     config, allowed ``server``'s tools: its init line's servers and its final result."""
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    elsewhere.mkdir(parents=True)
     config = elsewhere / "valor.json"
     config.write_text(config_text)
     completed = subprocess.run(
@@ -270,14 +282,20 @@ def test_claude_code_outside_the_repo_connects_and_calls_a_tool(
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         check=True,
     )
+    assert '"servers.stdio_front"' in printed.stdout  # the default: the bundle behind its front
     tool = mcp_tool(BUNDLE_NAME, "list_promises")
-    fake_anthropic.responder = call_tool(tool, {}, "Promises: {result}")
     env = {**claude_env, "VALOR_DATA_DIR": os.environ["VALOR_DATA_DIR"]}
-    servers, result = claude_elsewhere(claude_bin, env, tmp_path, printed.stdout, BUNDLE_NAME)
-    assert [(s["name"], s["status"]) for s in servers] == [(BUNDLE_NAME, "connected")]
-    assert result["is_error"] is False, result
-    assert result["result"].startswith("Promises: ")
-    assert "promises" in result["result"]
+    cache = Path(os.environ["VALOR_DATA_DIR"]) / "stdio_front"
+    for attempt in ("cold", "warm"):  # the front's cache empty, then filled by the first run
+        assert any(cache.glob("*.json")) == (attempt == "warm")
+        fake_anthropic.responder = call_tool(tool, {}, "Promises: {result}")
+        servers, result = claude_elsewhere(
+            claude_bin, env, tmp_path / attempt, printed.stdout, BUNDLE_NAME
+        )
+        assert [(s["name"], s["status"]) for s in servers] == [(BUNDLE_NAME, "connected")]
+        assert result["is_error"] is False, result
+        assert result["result"].startswith("Promises: ")
+        assert "promises" in result["result"]
 
 
 def answers(url: str) -> bool:

@@ -8,7 +8,9 @@ Three clients, one neutral shape rendered per client:
   its config file takes no URL or headers.
 - Cursor (``~/.cursor/mcp.json``): ``{"command", "args", "env"}`` or ``{"url", "headers"}``.
 
-Over stdio the default is one process for every tool (``python -m servers.bundle``); per-server
+Over stdio the default is one process for every tool: the bundle (``servers.bundle``) behind its
+quick front (``python -m servers.stdio_front``), which answers the client's listings from a cache
+while the bundle starts; ``direct`` runs ``python -m servers.bundle`` without the front. Per-server
 entries run the same module with ``--only NAME``. Either way the command is the virtual
 environment's python by absolute path and ``--directory`` is the repository (where ``.env`` is
 read), so a config works from any directory. Over HTTP each server is one entry with its own
@@ -35,6 +37,7 @@ CLIENTS = ("claude-code", "claude-desktop", "cursor")
 TRANSPORTS = ("stdio", "http")
 BUNDLE_SERVER = "valor-tools"  # the one-process entry; ends in -tools like every server name
 BUNDLE_MODULE = "servers.bundle"
+FRONT_MODULE = "servers.stdio_front"  # answers listings from a cache, then relays to the bundle
 
 
 class ClientConfigError(ValueError):
@@ -55,9 +58,10 @@ class Checkout:
         return cls(repo=REPO_ROOT.resolve(), python=Path(sys.executable).absolute())
 
 
-def stdio_entry(checkout: Checkout, only: Iterable[str] = ()) -> dict:
-    """A neutral stdio entry running the bundle (of every server, or of ``only``)."""
-    args = ["-m", BUNDLE_MODULE]
+def stdio_entry(checkout: Checkout, only: Iterable[str] = (), *, direct: bool = False) -> dict:
+    """A neutral stdio entry running the bundle (of every server, or of ``only``), behind its
+    front unless ``direct``."""
+    args = ["-m", BUNDLE_MODULE if direct else FRONT_MODULE]
     for name in only:
         args += ["--only", name]
     args += ["--directory", str(checkout.repo)]
@@ -69,16 +73,22 @@ def stdio_entry(checkout: Checkout, only: Iterable[str] = ()) -> dict:
 
 
 def stdio_servers(
-    checkout: Checkout, server_names: Iterable[str], *, per_server: bool, subset: bool = False
+    checkout: Checkout,
+    server_names: Iterable[str],
+    *,
+    per_server: bool,
+    subset: bool = False,
+    direct: bool = False,
 ) -> dict[str, dict]:
     """Neutral stdio entries: one bundle process, or one process per server.
 
     ``subset``: ``server_names`` is a choice of the user's, so the bundle serves only those.
+    ``direct``: run the bundle without its caching front.
     """
     names = list(server_names)
     if per_server:
-        return {name: stdio_entry(checkout, [name]) for name in names}
-    return {BUNDLE_SERVER: stdio_entry(checkout, names if subset else ())}
+        return {name: stdio_entry(checkout, [name], direct=direct) for name in names}
+    return {BUNDLE_SERVER: stdio_entry(checkout, names if subset else (), direct=direct)}
 
 
 def http_servers(base_url: str, token: str, server_names: Iterable[str]) -> dict[str, dict]:
@@ -182,6 +192,7 @@ def build(
     *,
     per_server: bool = False,
     subset: bool = False,
+    direct: bool = False,
     url: str | None = None,
     token: str | None = None,
     checkout: Checkout | None = None,
@@ -191,7 +202,11 @@ def build(
         if token:
             raise ClientConfigError("a token goes with --transport http only")
         servers = stdio_servers(
-            checkout or Checkout.current(), server_names, per_server=per_server, subset=subset
+            checkout or Checkout.current(),
+            server_names,
+            per_server=per_server,
+            subset=subset,
+            direct=direct,
         )
     elif transport == "http":
         if not url:
