@@ -7,9 +7,10 @@ round-robin in one run so the three see the same machine:
   (a2) the same `claude -p` given the bridge's hosted config, without the bridge (splits (b)'s
        cost into Claude Code's MCP start-up and the bridge's own work);
   (b) a bridge round trip (message in → reply in the in-memory transport) with every Valor
-      server available through the hosted HTTP config;
+      server available through the hosted HTTP config; runs sandboxed (bubblewrap, the default);
+  (b0) the same round trip with VALOR_SANDBOX=off: (b) - (b0) is the sandbox's cost per run;
   (c) the same round trip with the stdio `.mcp.json` (every server started per message).
-Target: median (b) / median (a) <= 1.15.
+Target: median (b) / median (a) <= 1.15; the sandbox adds <= 30 ms per run.
 
 Part 2 — load, with a FAKE fast Claude (tests/fake_claude.py, a script printing stream-json; not
 Claude Code): N chats × M messages through one bridge with the tools hosted. Checks that none is
@@ -17,6 +18,7 @@ lost, each is answered once, per-chat order is kept; prints throughput and the b
 
     .venv/bin/python bench/bridge.py                   # 9 rounds, 50 chats x 10 messages
     .venv/bin/python bench/bridge.py --rounds 3 --chats 10 --messages 5
+    .venv/bin/python bench/bridge.py --sandbox-only --rounds 21   # (b) vs (b0) alone
 """
 
 from __future__ import annotations
@@ -127,6 +129,102 @@ async def round_trip(bridge, transport, chat: int, message_id: int) -> float:
     return elapsed
 
 
+def sandbox_cost(times: dict[str, list[float]]) -> None:
+    """(b) sandboxed against (b0) unsandboxed, both measured in the same rounds; then the
+    sandbox's launch alone, which a busy machine's noise on a whole run cannot hide."""
+    on, off = statistics.median(times["b"]), statistics.median(times["b0"])
+    paired = statistics.median(b - b0 for b, b0 in zip(times["b"], times["b0"], strict=True))
+    print(
+        f"  sandbox cost per run: median (b) {on * 1000:.0f} ms - median (b0) {off * 1000:.0f} ms"
+        f" = {(on - off) * 1000:+.1f} ms; median of the paired differences {paired * 1000:+.1f} ms"
+    )
+    wrapped, plain = launch_cost()
+    verdict = "meets" if wrapped - plain <= 30 else "MISSES"
+    print(
+        f"  the sandbox's launch alone (/bin/true, 50 starts): median {wrapped:.1f} ms in bwrap, "
+        f"{plain:.1f} ms without: {wrapped - plain:+.1f} ms  ({verdict} the <= 30 ms target)"
+    )
+
+
+def launch_cost(starts: int = 50) -> tuple[float, float]:
+    """Median ms to start and reap /bin/true through ``sandbox.launch`` (mount plan, spool,
+    bwrap) and directly, alternated."""
+    import subprocess
+
+    from servers.core import sandbox
+    from servers.core.claude_command import ClaudeRun
+    from servers.core.settings import get_settings
+
+    settings = get_settings().model_copy(update={"sandbox": "bwrap"})
+    run = ClaudeRun(prompt="", chat_id=1)
+    env = {**os.environ, "ANTHROPIC_API_KEY": "unused"}
+    wrapped, plain = [], []
+    for _ in range(starts):
+        started = time.perf_counter()
+        with sandbox.launch(["/bin/true"], env, run, settings, REPO, str(CLAUDE)) as go:
+            subprocess.run(go.argv, env=go.env, check=True)
+        wrapped.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        subprocess.run(["/bin/true"], check=True)
+        plain.append(time.perf_counter() - started)
+    return statistics.median(wrapped) * 1000, statistics.median(plain) * 1000
+
+
+def unsandboxed_bridge(transport, env: dict[str, str], work: Path, tools):
+    """A bridge like the hosted one, with VALOR_SANDBOX=off (its own data dir: one bridge per
+    data dir) and the same hosted tools."""
+    from bridge.pipeline import Bridge
+    from servers.core.settings import get_settings
+
+    settings = get_settings().model_copy(
+        update={"data_dir": work / "unsandboxed-data", "sandbox": "off"}
+    )
+    return Bridge(
+        transport,
+        settings=settings,
+        claude_env=env,
+        authorize_all=True,
+        tools_base_url=tools.base_url,
+        tools_secret=tools.secret,
+    )
+
+
+async def sandbox_only(rounds: int, work: Path) -> None:
+    """Only (b) and (b0), alternated: the sandbox's cost on the bridge round trip."""
+    from bridge.memory import MemoryTransport
+    from bridge.pipeline import Bridge
+    from tests.fakes import FakeAnthropic, reply_with
+
+    with FakeAnthropic() as fake:
+        fake.responder = reply_with("pong")
+        home = work / "home"
+        home.mkdir(exist_ok=True)
+        env = claude_env(fake.url, home)
+        isolated_env(
+            work / "sandbox-data",
+            VALOR_CLAUDE_BIN=str(CLAUDE),
+            VALOR_CLAUDE_MAX_RETRIES="0",
+            VALOR_CLAUDE_WORKDIR=str(REPO),
+        )
+        on_transport, off_transport = MemoryTransport(), MemoryTransport()
+        times: dict[str, list[float]] = {"b": [], "b0": []}
+        on_bridge = Bridge(on_transport, claude_env=env, authorize_all=True)
+        async with on_bridge.serving():
+            assert on_bridge.tools is not None
+            off_bridge = unsandboxed_bridge(off_transport, env, work, on_bridge.tools)
+            async with off_bridge.serving():
+                await round_trip(on_bridge, on_transport, 1, 0)  # warm both, not measured
+                await round_trip(off_bridge, off_transport, 1, 0)
+                for n in range(1, rounds + 1):
+                    times["b"].append(await round_trip(on_bridge, on_transport, 1, n))
+                    times["b0"].append(await round_trip(off_bridge, off_transport, 1, n))
+    print(f"sandbox cost (real Claude Code {CLAUDE.name} + fake Anthropic API), {rounds} rounds:")
+    for key, label in (("b", "(b) bridge round trip, sandboxed"), ("b0", "(b0) unsandboxed")):
+        spread = ", ".join(f"{t:.2f}" for t in times[key])
+        print(f"  {label:48} median {statistics.median(times[key]):.3f} s   [{spread}]")
+    sandbox_cost(times)
+
+
 async def latency(rounds: int, work: Path) -> None:
     from bridge.memory import MemoryTransport
     from bridge.pipeline import Bridge
@@ -147,7 +245,8 @@ async def latency(rounds: int, work: Path) -> None:
         env["VALOR_DATA_DIR"] = os.environ["VALOR_DATA_DIR"]
         hosted_transport, stdio_transport = MemoryTransport(), MemoryTransport()
         hosted_bridge = Bridge(hosted_transport, claude_env=env, authorize_all=True)
-        times: dict[str, list[float]] = {"a": [], "a1": [], "a2": [], "b": [], "c": []}
+        times: dict[str, list[float]] = {"a": [], "a1": [], "a2": [], "b": [], "b0": [], "c": []}
+        unsandboxed_transport = MemoryTransport()
         async with hosted_bridge.serving():
             from servers.core.settings import get_settings
 
@@ -174,13 +273,17 @@ async def latency(rounds: int, work: Path) -> None:
                 runtime_mcp_config(config, work / "run") as hosted_config,
                 runtime_mcp_config(one_server, work / "run") as one_server_config,
             ):
-                async with stdio_bridge.serving():
+                off_bridge = unsandboxed_bridge(unsandboxed_transport, env, work, tools)
+                async with stdio_bridge.serving(), off_bridge.serving():
                     await bare_claude(env, REPO)  # warm the file cache once, not measured
                     for n in range(1, rounds + 1):
                         times["a"].append(await bare_claude(env, REPO))
                         times["a1"].append(await bare_claude(env, REPO, one_server_config))
                         times["a2"].append(await bare_claude(env, REPO, hosted_config))
                         times["b"].append(await round_trip(hosted_bridge, hosted_transport, 1, n))
+                        times["b0"].append(
+                            await round_trip(off_bridge, unsandboxed_transport, 1, n)
+                        )
                         times["c"].append(await round_trip(stdio_bridge, stdio_transport, 2, n))
                         await asyncio.sleep(1.0)  # let (c)'s eight servers exit before (a)
         servers = len(tools.servers)
@@ -191,6 +294,7 @@ async def latency(rounds: int, work: Path) -> None:
         "a1": "(a1) bare claude -p + one hosted server",
         "a2": "(a2) bare claude -p + the hosted config",
         "b": "(b) bridge round trip, tools hosted over HTTP",
+        "b0": "(b0) the same round trip, sandbox off",
         "c": "(c) bridge round trip, stdio .mcp.json",
     }
     for key, label in labels.items():
@@ -211,6 +315,7 @@ async def latency(rounds: int, work: Path) -> None:
         "  split: Claude Code connecting to the hosted servers (a2)/(a) = "
         f"{med['a2'] / med['a']:.3f}; the bridge's own work (b)/(a2) = {med['b'] / med['a2']:.3f}"
     )
+    sandbox_cost(times)
 
 
 def main() -> None:
@@ -219,12 +324,18 @@ def main() -> None:
     parser.add_argument("--chats", type=int, default=50)
     parser.add_argument("--messages", type=int, default=10)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument(
+        "--sandbox-only", action="store_true", help="only (b) vs (b0): the sandbox's cost"
+    )
     args = parser.parse_args()
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # the fake's "tools unavailable" warnings are noise
     with tempfile.TemporaryDirectory(prefix="valor-bench-bridge-") as tmp:
         work = Path(tmp)
+        if args.sandbox_only:
+            asyncio.run(sandbox_only(args.rounds, work))
+            return
         asyncio.run(load(args.chats, args.messages, work))
         if not args.skip_latency:
             if not CLAUDE.exists():

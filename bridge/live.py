@@ -33,7 +33,9 @@ from bridge.rate import (
     RateController,
 )
 from bridge.transport import ReplySink, SentMessage, Transport
-from servers.core.errors import Category, ValorError, redact
+from servers.core.errors import Category, ValorError, describe_exception
+from servers.core.media import sendable_file
+from servers.core.safe_files import UnsafeFile
 
 if TYPE_CHECKING:
     from servers.core.settings import Settings
@@ -217,7 +219,9 @@ class LiveReply(ReplySink):
                 else:
                     log.warning("preview update failed in chat %s: %s", self.chat_id, exc)
             except Exception as exc:  # a preview is best effort; the final answer is not
-                log.warning("preview update failed in chat %s: %s", self.chat_id, redact(repr(exc)))
+                log.warning(
+                    "preview update failed in chat %s: %s", self.chat_id, describe_exception(exc)
+                )
             finally:
                 self._in_call = False
                 slot.done()
@@ -252,7 +256,9 @@ class LiveReply(ReplySink):
             else:
                 await self.transport.edit_text(live, "⬇️")
         except Exception as exc:  # tidying up is best effort; the answer is out
-            log.info("could not tidy the preview in chat %s: %s", self.chat_id, redact(repr(exc)))
+            log.info(
+                "could not tidy the preview in chat %s: %s", self.chat_id, describe_exception(exc)
+            )
         finally:
             slot.done()
 
@@ -264,7 +270,7 @@ class LiveReply(ReplySink):
         try:
             await self.transport.signal(self.chat_id, "typing")
         except Exception as exc:  # a courtesy, never worth failing a reply
-            log.debug("typing signal failed: %s", redact(repr(exc)))
+            log.debug("typing signal failed: %s", describe_exception(exc))
 
     # --- delivery that does not give up ---------------------------------------------------
     def _flood(self, exc: ValorError) -> None:
@@ -302,13 +308,20 @@ class LiveReply(ReplySink):
             backoff = min(backoff * 2, 60.0)
 
     def _checked_files(self, files: list[Path]) -> list[Path]:
-        """Only existing files inside the allowed roots (the media dir) leave the machine."""
+        """Only regular files inside the allowed roots (the chat's media folder) leave the
+        machine: symlinks resolved, opened without following or blocking (``sendable_file``)."""
         checked = []
         for raw in files:
-            path = Path(raw).resolve()
-            inside = any(path.is_relative_to(root) for root in self.allowed_file_roots)
-            if not inside or not path.is_file():
-                log.warning("not uploading %s: not a file inside the media directory", raw)
+            path, reasons = None, []
+            for root in self.allowed_file_roots:
+                try:
+                    path = sendable_file(raw, root)
+                    break
+                except UnsafeFile as exc:
+                    reasons.append(str(exc))
+            if path is None:
+                why = "; ".join(dict.fromkeys(reasons)) or "no folder may be uploaded from"
+                log.warning("not uploading a file to chat %s: %s", self.chat_id, why)
                 continue
             if path not in checked:
                 checked.append(path)
@@ -344,7 +357,7 @@ def live_reply_factory(
             rate=controller,
             typing=settings.telegram_typing,
             final_retry_seconds=settings.telegram_final_retry_seconds,
-            allowed_file_roots=[settings.media_path],
+            allowed_file_roots=[settings.chat_media_path(chat_id)],  # this chat's files only
         )
 
     return make

@@ -40,7 +40,13 @@ from servers.core.claude_events import (
     ToolUseEvent,
 )
 from servers.core.claude_runner import ClaudeRunner, RunOutcome
-from servers.core.errors import Category, ValorError, mask_unexpected, redact
+from servers.core.errors import (
+    Category,
+    ValorError,
+    describe_exception,
+    mask_unexpected,
+    redact,
+)
 from servers.core.mcp_config import HostedTools, private_run_file, use_servers
 from servers.core.store import Store
 
@@ -163,6 +169,9 @@ class Bridge:
     async def serving(self) -> AsyncIterator[Bridge]:
         """Lock, host the tools, recover unfinished work and deliver the outbox while open."""
         self._acquire_lock()
+        from servers.core.sandbox import log_sandbox_mode
+
+        log_sandbox_mode(self.settings, log)  # a warning when runs are not sandboxed
         try:
             async with self._hosted_tools():
                 await self.recover()
@@ -354,7 +363,9 @@ class Bridge:
                     try:
                         await self._process(row_id)
                     except Exception as exc:  # e.g. the store is unwritable: the row stays open
-                        log.error("message %s failed in the bridge: %s", row_id, redact(repr(exc)))
+                        log.error(
+                            "message %s failed in the bridge: %s", row_id, describe_exception(exc)
+                        )
                 queue.popleft()
         finally:
             if self._workers.get(chat_id) is asyncio.current_task():
@@ -418,7 +429,10 @@ class Bridge:
                 log.warning("Claude Code was denied %s in chat %s", event.tool_name, row.chat_id)
             elif isinstance(event, ToolResultEvent) and not event.is_error:
                 _attach_generated_images(
-                    sink, tool_names.get(event.tool_use_id, ""), event.content, self.settings
+                    sink,
+                    tool_names.get(event.tool_use_id, ""),
+                    event.content,
+                    self.settings.chat_media_path(row.chat_id),
                 )
 
         # The hook adds the block to the prompt; building it here, in this long-lived process
@@ -441,8 +455,9 @@ class Bridge:
             user_name=row.sender_name,
             launched_by="bridge",
             allowed_tools=[  # each run's MCP servers are allowed ahead of these (_run_with_tools)
-                # Attached photos and documents live in the media directory, outside the workdir.
-                f"Read(/{Path(self.settings.media_path).resolve()}/**)",
+                # Attached photos and documents live in the chat's own media folder, outside the
+                # workdir; other chats' folders stay unreadable.
+                f"Read(/{self.settings.chat_media_path(row.chat_id).resolve()}/**)",
                 *self.settings.claude_extra_allowed_tools,
             ],
             append_system_prompt=self.persona or None,
@@ -527,7 +542,9 @@ class Bridge:
         except Exception as exc:
             # The sink already retried (bridge/live.py); the row stays open, so the next start
             # answers it again (at most MAX_ATTEMPTS runs) instead of losing it.
-            log.error("could not deliver the reply in chat %s: %s", row.chat_id, redact(repr(exc)))
+            log.error(
+                "could not deliver the reply in chat %s: %s", row.chat_id, describe_exception(exc)
+            )
             return
         reply_id = sink.message_id or -row.id
         history.record_message(
@@ -547,7 +564,8 @@ class Bridge:
     async def deliver_outbox(self) -> int:
         """Send pending outbox rows in order; returns how many were sent."""
         sent = 0
-        for item in outbox.pending_outbound(self.store):
+        # Each row's files are confined to its chat's media folder as it is read.
+        for item in outbox.pending_outbound(self.store, settings=self.settings):
             try:
                 message = None
                 if item.text.strip():
@@ -574,18 +592,19 @@ class Bridge:
         while True:
             try:
                 await self.deliver_outbox()
-            except Exception:
-                log.exception("outbox delivery failed")
+            except Exception as exc:
+                log.error("outbox delivery failed: %s", describe_exception(exc))
             await asyncio.sleep(OUTBOX_POLL_SECONDS)
 
 
 def _attach_generated_images(
-    sink: ReplySink, tool_name: str, content: str, settings: Settings
+    sink: ReplySink, tool_name: str, content: str, chat_media: Path
 ) -> None:
-    """Hand images a tool made (create_image) to the sink, to go out with the final answer."""
+    """Hand images a tool made (create_image) in the chat's media folder to the sink, to go out
+    with the final answer."""
     from bridge.attachments import generated_images
 
-    images = generated_images(tool_name, content, settings.media_path)
+    images = generated_images(tool_name, content, chat_media)
     if images:
         sink.attach_files(images)
 

@@ -9,9 +9,10 @@ What reaches the bridge (``updates()``):
   message is the way to change the request;
 * channel broadcasts and service messages are ignored.
 
-Incoming photos and documents are saved into the media directory (``settings.media_path`` /
-``telegram``) under a safe name, up to ``VALOR_TELEGRAM_MAX_DOWNLOAD_MB``; their paths travel in
-``IncomingMessage.media_paths`` so the prompt can name them for ``analyze_shared_image``.
+Incoming photos and documents are saved into the chat's own media folder
+(``settings.chat_media_path(chat)`` / ``telegram``, owner-only) under a safe name, up to
+``VALOR_TELEGRAM_MAX_DOWNLOAD_MB``; their paths travel in ``IncomingMessage.media_paths`` so the
+prompt can name them for ``analyze_shared_image``, which resolves names only in that folder.
 
 Missed messages: Telethon catches up through Telegram's update difference when it knows where it
 stopped. A string session does not keep that position, so ``PersistentStateSession`` stores it
@@ -37,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.formatting import Entity
 from bridge.transport import IncomingMessage, SentMessage
-from servers.core.errors import Category, ValorError
+from servers.core.errors import Category, ValorError, describe_exception
+from servers.core.media import chat_folder
 
 if TYPE_CHECKING:
     from servers.core.settings import Settings
@@ -310,7 +312,7 @@ class TelegramTransport:
         try:
             incoming = await self.to_incoming(event)
         except Exception as exc:  # one odd update must not stop the others
-            log.exception("could not read a Telegram message: %r", type(exc).__name__)
+            log.error("could not read a Telegram message: %s", describe_exception(exc))
             return
         if incoming is not None:
             await self._queue.put(incoming)
@@ -397,19 +399,20 @@ class TelegramTransport:
         if size > limit:
             log.info("not saving a %d byte file from chat %s (limit %d)", size, chat_id, limit)
             return []
-        folder = self.settings.media_path / "telegram"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = chat_folder(self.settings, chat_id, "telegram")  # no other chat reads it
         target = folder / name
         try:
             saved = await self.client.download_media(message, file=str(target))
         except Exception as exc:
             error = translate_error(exc, "download a file")
-            log.warning("could not save media from chat %s: %s", chat_id, error or repr(exc))
+            log.warning(
+                "could not save media from chat %s: %s", chat_id, error or describe_exception(exc)
+            )
             return []
         if not saved:
             return []
         path = Path(saved).resolve()
-        if not path.is_relative_to(folder.resolve()):  # defence in depth: never outside media
+        if not path.is_relative_to(folder.resolve()):  # defence in depth: only the chat's folder
             path.unlink(missing_ok=True)
             return []
         return [path]

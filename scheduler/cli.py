@@ -46,6 +46,10 @@ def serve(
             "--allow-remote", help="Allow a non-loopback --host (put a TLS front before it)"
         ),
     ] = False,
+    direct: Annotated[
+        bool,
+        typer.Option("--direct", help="stdio --all: run the bundle without its caching front"),
+    ] = False,
 ) -> None:
     """Run one MCP server, or every server at once (one stdio process, or HTTP on loopback)."""
     from servers import SERVERS, load_server
@@ -59,6 +63,11 @@ def serve(
     bind_host = host or settings.http_host
     bind_port = settings.http_port if port is None else port
     if all_servers and transport == "stdio":
+        if not direct:  # the front answers listings from its cache and starts the bundle
+            from servers.stdio_front import main as front
+
+            front([])
+            return
         from servers.bundle import bundle
 
         bundle().run(transport="stdio", show_banner=False)
@@ -132,6 +141,9 @@ def mcp_config(
         bool, typer.Option("--print", help="Print the config instead of writing it")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file")] = False,
+    direct: Annotated[
+        bool, typer.Option("--direct", help="stdio: run the bundle without its caching front")
+    ] = False,
 ) -> None:
     """Write a ready MCP client config for Valor's tools (absolute paths: works anywhere)."""
     from pathlib import Path
@@ -155,6 +167,7 @@ def mcp_config(
             server or list(SERVERS),
             per_server=per_server,
             subset=bool(server),
+            direct=direct,
             url=url,
             token=token,
         )
@@ -464,6 +477,11 @@ def _when(timestamp: float) -> str:
 
 
 def main() -> None:
+    import os
+
+    # Every file and folder a `valor` process creates is owner-only (its store, run configs,
+    # logs, media): the same umask as servers.core.app.PRIVATE_UMASK, set before anything runs.
+    os.umask(0o077)
     app()
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from servers.core import trust
+from servers.core import sandbox, trust
 from servers.core.doctor import capability_report
 from servers.core.mcp_config import HostedTools, endpoint
 
@@ -151,6 +151,7 @@ class Daemon:
         )
         self.tools = HostedTools(self.base_url, self._secret, tuple(SERVERS))
         log.info("tools hosted at %s/<server>/mcp", self.base_url)
+        sandbox.log_sandbox_mode(self.settings, log)  # a warning when runs are not sandboxed
         await self._open_job_clients()
         self._close_abandoned_sessions()
         await self._report_capabilities()
@@ -338,7 +339,10 @@ class Daemon:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a failing job is logged and retried on its schedule
-            outcome = JobOutcome(job, False, f"failed: {type(exc).__name__}: {exc}")
+            from servers.core.errors import describe_exception
+
+            # type and place only: an exception's text may quote what it worked on
+            outcome = JobOutcome(job, False, f"failed: {describe_exception(exc)}")
         outcome.seconds = time.monotonic() - started
         self.last_outcomes[job] = outcome
         return outcome
@@ -453,9 +457,9 @@ def _log_bridge_end(task: asyncio.Task[Any]) -> None:
         return
     error = task.exception()
     if error is not None:
-        from servers.core.errors import redact
+        from servers.core.errors import describe_exception
 
-        log.error("bridge stopped: %s: %s", type(error).__name__, redact(str(error))[:500])
+        log.error("bridge stopped: %s", describe_exception(error))
     else:
         log.warning("bridge stopped")
 
@@ -556,6 +560,13 @@ async def end_children(grace: float = 3.0) -> list[int]:
 
 async def run_daemon(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT."""
+    import os
+
+    from servers.core.app import PRIVATE_UMASK
+    from servers.core.store import secure_data_dir
+
+    os.umask(PRIVATE_UMASK)  # every file the daemon and its workers create is owner-only
+    secure_data_dir(settings.data_dir, settings.db_path)  # tightened, with a log line, if loose
     quiet_noisy_loggers(settings)
     daemon = Daemon(settings, owns_process=True)
     stop = asyncio.Event()

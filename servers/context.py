@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from servers.core import context_opt
-from servers.core.app import create_server
+from servers.core.app import create_server, set_text_limit
 from servers.core.errors import Category, ValorError
 from servers.core.settings import Settings, get_settings
 from servers.core.trust import resolve_chat_id
@@ -20,6 +20,11 @@ mcp = create_server(
 )
 
 MAX_MESSAGES = 200_000
+
+# A conversation is far more text than any other tool's argument: its own cap, checked (like
+# every tool's) before any work, so 10 MB is refused at once instead of costing seconds of CPU.
+for _tool in ("optimize_context", "context_health", "build_context_block"):
+    set_text_limit(_tool, "context_tool_max_chars")
 
 
 class ChatMessage(BaseModel):

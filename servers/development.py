@@ -15,7 +15,8 @@ from servers.core.trust import ChatIdArg, resolve_chat_id
 mcp = create_server(
     "development-tools",
     instructions=(
-        "Workspace screenshots saved under a task id (SCREENSHOTS_DIR/<task_id>/), analyzed by "
+        "Workspace screenshots saved under a task id (SCREENSHOTS_DIR/chats/<chat>/<task_id>/, "
+        "each chat its own), analyzed by "
         "the vision model, and a bug-report workflow that has headless Claude Code reproduce a "
         "bug, capture a Playwright screenshot and report steps, observed and expected behaviour."
     ),
@@ -27,7 +28,7 @@ TaskIdArg = Annotated[
         min_length=1,
         max_length=200,
         description="Task id: 1-128 letters, digits, '-' or '_' (a Notion page id works); "
-        "screenshots live in SCREENSHOTS_DIR/<task_id>/.",
+        "screenshots live in the chat's screenshots folder under <task_id>/.",
     ),
 ]
 
@@ -35,14 +36,18 @@ TaskIdArg = Annotated[
 class ScreenshotInfo(BaseModel):
     task_id: str
     path: str = Field(description="Absolute path of the image file")
-    relative_path: str = Field(description="<task_id>/<file name>, relative to the folder")
+    relative_path: str = Field(
+        description="<task_id>/<file name>, relative to the chat's screenshots folder"
+    )
     size_bytes: int
     modified_at: str = Field(description="Last written, ISO 8601 UTC")
     age_seconds: float
 
 
 class ScreenshotList(BaseModel):
-    directory: str = Field(description="The screenshots folder")
+    directory: str = Field(
+        description="The chat's screenshots folder (the operator with no chat: the root of all)"
+    )
     task_id: str | None = Field(description="The task listed; null means every task")
     screenshots: list[ScreenshotInfo] = Field(description="Newest first")
 
@@ -100,10 +105,11 @@ async def retrieve_workspace_screenshot(
     """Find the task's newest screenshot, refuse it if missing or stale, and analyze it."""
     chat = resolve_chat_id(chat_id, required=False)
     settings = get_settings()
-    base = settings.screenshots_path
-    shot = screenshots.newest_screenshot(base, task_id, max_age_minutes)
+    # Only the caller's chat folder is searched: another chat's task reads as one with no shot.
+    bases = screenshots.screenshot_bases(settings, chat)
+    shot = screenshots.newest_screenshot(bases, task_id, max_age_minutes)
     question = screenshots.screenshot_question(shot.task_id)
-    analysis = await screenshots.analyze_screenshot(shot, base, question, settings)
+    analysis = await screenshots.analyze_screenshot(shot, question, settings)
     return WorkspaceScreenshot(**_info(shot), **analysis, chat_id=chat)
 
 
@@ -114,13 +120,20 @@ def list_workspace_screenshots(
         Field(max_length=200, description="Only this task's screenshots; empty: every task"),
     ] = None,
     limit: Annotated[int, Field(ge=1, le=500, description="How many at most")] = 50,
+    chat_id: ChatIdArg = None,
 ) -> ScreenshotList:
-    """List saved workspace screenshots, newest first."""
-    base = get_settings().screenshots_path
+    """List saved workspace screenshots, newest first (in a chat session: that chat's only)."""
+    chat = resolve_chat_id(chat_id, required=False)
+    settings = get_settings()
     wanted = task_id or None
-    shots = screenshots.list_screenshots(base, wanted, limit=limit)
+    shots = screenshots.list_screenshots(
+        screenshots.screenshot_bases(settings, chat), wanted, limit=limit
+    )
+    directory = settings.screenshots_path if chat is None else settings.chat_screenshots_path(chat)
     return ScreenshotList(
-        directory=str(base), task_id=wanted, screenshots=[ScreenshotInfo(**_info(s)) for s in shots]
+        directory=str(directory),
+        task_id=wanted,
+        screenshots=[ScreenshotInfo(**_info(s)) for s in shots],
     )
 
 

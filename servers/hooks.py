@@ -10,6 +10,11 @@ Registered in ``.claude/settings.json``:
   server (name, duration, success), read by monitoring-tools.
 - ``session-start`` / ``session-end``: register and close the session in ``claude_sessions``.
 
+In a sandboxed run (``VALOR_HOOK_SPOOL`` set by the runner; see ``servers.core.sandbox``) the
+store is out of sight: tool calls and failures are appended as JSON lines to that spool, which the
+runner ingests after the run with the chat it fixed; the runner records the session itself, and
+the prompt's context comes only from the block the launcher built.
+
 These run on every prompt and tool call, so only json/os/sqlite3/time load at import (no
 pydantic, no fastmcp); the rest loads where needed. A hook never breaks a session: any failure
 exits 0 with nothing added and is logged to ``<log dir>/hooks.log``.
@@ -120,6 +125,22 @@ def _response_error(response: object) -> str | None:
     return None
 
 
+# -- a sandboxed run: the spool -------------------------------------------------------------------
+def spool_path() -> str | None:
+    """The run's spool file when it runs in Valor's sandbox (the store is hidden there)."""
+    return os.environ.get("VALOR_HOOK_SPOOL") or None
+
+
+def append_to_spool(path: str, record: dict) -> None:
+    """One JSON line; the runner created the file, so it is never created (or followed) here."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.write(fd, line)  # O_APPEND: concurrent hooks never interleave within a line
+    finally:
+        os.close(fd)
+
+
 def record_tool_call(payload: dict, failed: bool) -> None:
     server, tool = split_tool_name(str(payload.get("tool_name", "")))
     if not server:  # only MCP tools are Valor's (the matcher in settings.json says which)
@@ -131,6 +152,13 @@ def record_tool_call(payload: dict, failed: bool) -> None:
         error = _response_error(payload.get("tool_response"))
     duration = payload.get("duration_ms")
     duration_ms = float(duration) if isinstance(duration, int | float) else None
+    error = error[:ERROR_TEXT_LIMIT] if error is not None else None
+    spool = spool_path()
+    if spool is not None:  # the runner adds the chat: it never comes from inside the run
+        record = {"event": "tool_call", "session_id": str(payload.get("session_id", ""))}
+        record.update(server=server, tool=tool, duration_ms=duration_ms, error=error)
+        append_to_spool(spool, {**record, "called_at": time.time()})
+        return
     conn = open_store()
     try:
         conn.execute(
@@ -142,7 +170,7 @@ def record_tool_call(payload: dict, failed: bool) -> None:
                 tool,
                 0 if error is not None else 1,
                 duration_ms,
-                error[:ERROR_TEXT_LIMIT] if error is not None else None,
+                error,
                 _chat_id(),
                 time.time(),
             ),
@@ -197,7 +225,7 @@ def claude_process() -> tuple[int | None, float | None]:
 
 def session_start(payload: dict) -> None:
     session_id = str(payload.get("session_id", ""))
-    if not session_id:
+    if not session_id or spool_path() is not None:  # sandboxed: the runner records sessions
         return
     pid, create_time = claude_process()
     launched_by = "bridge" if os.environ.get("VALOR_LAUNCHED_BY") == "bridge" else "interactive"
@@ -225,7 +253,7 @@ def session_start(payload: dict) -> None:
 
 def session_end(payload: dict) -> None:
     session_id = str(payload.get("session_id", ""))
-    if not session_id:
+    if not session_id or spool_path() is not None:
         return
     conn = open_store()
     try:
@@ -309,7 +337,11 @@ def user_prompt_submit(payload: dict) -> dict | None:
         chat_id = _chat_id()
         if chat_id is None:
             raise ValueError("VALOR_LAUNCHED_BY=bridge without a valid VALOR_CHAT_ID")
-        context = precomputed_context() or chat_context(chat_id)
+        context = precomputed_context()
+        if context is None and spool_path() is None:  # sandboxed: no store to build it from
+            context = chat_context(chat_id)
+        if context is None:
+            return None
     else:
         context = workspace_summary(str(payload.get("cwd") or os.getcwd()))
     return {
@@ -346,17 +378,27 @@ def describe_failure(exc: BaseException) -> str:
     return text
 
 
+def write_log_lines(directory: str, lines: list[str]) -> None:
+    """Append time-stamped lines to ``<directory>/hooks.log`` (rotated past its size limit)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "hooks.log")
+    if os.path.exists(path) and os.path.getsize(path) > LOG_LIMIT_BYTES:
+        os.replace(path, path + ".1")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.writelines(f"{stamp} {line}\n" for line in lines)
+
+
 def log_failure(event: str, exc: BaseException) -> None:
-    """Append one line to hooks.log; importing nothing more (a failing hook stays fast)."""
+    """One line in hooks.log (or, sandboxed, in the spool for the runner to log); importing
+    nothing more (a failing hook stays fast)."""
     try:
-        directory = log_dir()
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "hooks.log")
-        if os.path.exists(path) and os.path.getsize(path) > LOG_LIMIT_BYTES:
-            os.replace(path, path + ".1")
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(f"{stamp} {event} failed: {describe_failure(exc)}\n")
+        spool = spool_path()
+        if spool is not None:
+            record = {"event": "hook_failure", "hook": event, "detail": describe_failure(exc)}
+            append_to_spool(spool, record)
+        else:
+            write_log_lines(log_dir(), [f"{event} failed: {describe_failure(exc)}"])
     except Exception:  # noqa: S110 - nothing more can be done; the session must go on
         pass
 

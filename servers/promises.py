@@ -66,7 +66,7 @@ def _visible(promise: promises.Promise) -> promises.Promise:
     """A chat session sees only its own chat's promises (trusted context)."""
     scope = resolve_chat_id(None, required=False)
     if scope is not None and promise.chat_id != scope:
-        raise promises.input_error(f"No promise with id {promise.id} in this chat.")
+        raise promises.missing_promise(promise.id)  # the same answer as for no such promise
     return promise
 
 

@@ -37,8 +37,11 @@ class SearchAnswer(BaseModel):
 
 
 class CreatedImage(BaseModel):
-    path: str = Field(description="Absolute path of the new image file in the media directory")
-    relative_path: str = Field(description="The same path relative to the media directory")
+    path: str = Field(description="Absolute path of the new image file in the chat's media folder")
+    relative_path: str = Field(
+        description="The same path as analyze_shared_image takes it (relative to the chat's "
+        "media folder; for the operator, to the media directory)"
+    )
     mime_type: str
     size_bytes: int
     width: int | None = None
@@ -50,7 +53,9 @@ class CreatedImage(BaseModel):
 
 
 class ImageAnalysis(BaseModel):
-    image_path: str = Field(description="Path relative to the media directory")
+    image_path: str = Field(
+        description="Path relative to the chat's media folder (the operator: the media directory)"
+    )
     mime_type: str = Field(description="Detected from the file's bytes")
     size_bytes: int
     mode: Literal["question", "description"]
@@ -121,7 +126,7 @@ async def create_image(
     ] = "vivid",
     chat_id: ChatIdArg = None,
 ) -> CreatedImage:
-    """Generate an image (OpenAI) into the media directory; returns its path for upload."""
+    """Generate an image (OpenAI) into the chat's media folder; returns its path for upload."""
     chat = resolve_chat_id(chat_id, required=False)
     settings = get_settings()
     image_quality = "high" if quality == "high" else "medium"
@@ -131,13 +136,12 @@ async def create_image(
     data = result["data"]
     if len(data) > settings.image_max_bytes:
         raise ValorError(Category.UPSTREAM, "The generated image is larger than the image limit.")
-    media_dir = settings.media_path
     stem = "generated" if chat is None else f"chat{chat}".replace("-", "m")
-    path, mime_type = media.save_image(data, media_dir, stem=stem)
+    path, mime_type = media.save_image(data, media.chat_folder(settings, chat), stem=stem)
     dimensions = media.image_dimensions(data, mime_type) or (None, None)
     return CreatedImage(
         path=str(path),
-        relative_path=str(path.relative_to(media_dir)),
+        relative_path=str(path.relative_to(media.names_root(settings, chat))),
         mime_type=mime_type,
         size_bytes=len(data),
         width=dimensions[0],
@@ -156,8 +160,8 @@ async def analyze_shared_image(
         Field(
             min_length=1,
             max_length=1024,
-            description="Path of the image inside the media directory (relative, or absolute "
-            "within it). JPEG, PNG, GIF or WebP.",
+            description="Path of the image inside this chat's media folder (relative, or "
+            "absolute within it), as the prompt or create_image named it. JPEG, PNG, GIF or WebP.",
         ),
     ],
     question: Annotated[
@@ -166,12 +170,14 @@ async def analyze_shared_image(
     ] = "",
     chat_id: ChatIdArg = "",
 ) -> ImageAnalysis:
-    """Answer a question about an image in the media directory, or describe it (OpenAI vision)."""
-    resolve_chat_id(chat_id, required=False)  # a chat outside the session's scope is refused
+    """Answer a question about an image in the chat's media folder, or describe it (OpenAI
+    vision)."""
+    chat = resolve_chat_id(chat_id, required=False)  # a chat outside the session's is refused
     settings = get_settings()
     openai_services.require_key(openai_services.OPENAI, settings)  # before reading the file
+    # A chat's names resolve only in its own folder, so another chat's file reads as missing.
     image = await anyio.to_thread.run_sync(
-        media.read_image, image_path, settings.media_path, settings.image_max_bytes
+        media.read_image, image_path, media.names_root(settings, chat), settings.image_max_bytes
     )
     result = await openai_services.analyze_image(image, question)
     return ImageAnalysis(

@@ -283,6 +283,8 @@ def test_bridge_killed_mid_run_answers_once_after_restart(store, fake_bin, tmp_p
         VALOR_CLAUDE_BIN=str(fake_bin),
         VALOR_DATA_DIR=os.environ["VALOR_DATA_DIR"],
         FAKE_CLAUDE_PROMPTS_DIR=str(prompts),
+        # Orphans exist only unsandboxed: a sandboxed run dies with its bridge (test_sandbox.py).
+        VALOR_SANDBOX="off",
     )
     first = _start_console(env)
     try:
@@ -409,7 +411,7 @@ async def test_runs_cannot_read_secrets_but_can_read_attached_media(
     from tests.fakes.anthropic_api import tool_result_text
 
     (tmp_path / ".env").write_text("TELEGRAM_SESSION=do-not-leak-1234\n")
-    media = valor_env / "media" / "telegram"
+    media = valor_env / "media" / "chats" / str(CHAT) / "telegram"  # the chat's own media
     media.mkdir(parents=True)
     (media / "note.txt").write_text("attached text is readable\n")
 

@@ -29,6 +29,7 @@ from servers.core.claude_events import (
 from servers.core.claude_runner import ClaudeRunner
 from servers.core.errors import Category
 from servers.core.mcp_config import http_mcp_config, runtime_mcp_config
+from servers.core.sandbox import resolve_bwrap
 from servers.core.settings import REPO_ROOT, get_settings
 from tests.fakes import reply_with
 from tests.support import configure
@@ -144,6 +145,8 @@ def test_claude_env_carries_the_chat_and_no_other_secrets(monkeypatch):
         "TELEGRAM_SESSION": "1BVtsOK-session",
         "OPENAI_API_KEY": "sk-openai-secret-value",
         "VALOR_NOTION_API_KEY": "secret_notion",
+        "telegram_session": "1BVtsOK-lower-case",  # Settings reads any letter case
+        "Valor_Scope_Secret": "mixed-case-scope-secret",
         "ANTHROPIC_API_KEY": "kept",
     }
     run = ClaudeRun(prompt="x", chat_id=-1001, user_id=7, user_name="Eve\x00\nEvil", env=base)
@@ -155,6 +158,7 @@ def test_claude_env_carries_the_chat_and_no_other_secrets(monkeypatch):
     assert env["ANTHROPIC_API_KEY"] == "kept"
     for name in ("TELEGRAM_SESSION", "OPENAI_API_KEY", "VALOR_NOTION_API_KEY"):
         assert name not in env
+    assert "lower-case" not in str(env) and "mixed-case" not in str(env)
 
 
 def test_runtime_config_is_private_and_removed(tmp_path):
@@ -242,7 +246,11 @@ async def test_timeout_ends_the_whole_process_tree(
     assert outcome.error.category is Category.TIMEOUT and "15 s" in outcome.error.detail
     assert len(outcome.pids) >= 2, "the stdio server should have been a child of Claude Code"
     assert not [pid for pid in outcome.pids if alive(pid)]
-    assert store.query("SELECT ended_at FROM processes")[0]["ended_at"] is not None
+    (registered,) = store.query("SELECT command, ended_at FROM processes")
+    assert registered["ended_at"] is not None
+    # Sandboxed by default: the registered root is bwrap, whose tree held the run.
+    assert registered["command"].startswith(resolve_bwrap(get_settings()) + " -- ")
+    assert str(claude_bin) in registered["command"]
 
 
 @pytest.mark.e2e

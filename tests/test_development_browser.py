@@ -92,9 +92,8 @@ async def test_playwright_screenshot_of_a_local_page_is_found_by_the_tool(
                        "--height", "360")  # fmt: skip
     assert done.returncode == 0, done.stderr
     saved = done.stdout.strip()
-    assert saved.startswith(str(valor_env / "screenshots" / "ui-check")) and saved.endswith(
-        "-login.png"
-    )
+    operator_shots = valor_env / "screenshots" / "chats" / "operator"  # no VALOR_CHAT_ID
+    assert saved.startswith(str(operator_shots / "ui-check")) and saved.endswith("-login.png")
     assert "/login" in requested  # the browser really loaded the local page
 
     async with Client(mcp) as client:

@@ -36,7 +36,8 @@ FINDINGS = {
 
 @pytest.fixture
 def shots_dir(valor_env):
-    path = valor_env / "screenshots"
+    """The operator's own screenshots folder (the in-memory client is the operator)."""
+    path = valor_env / "screenshots" / "chats" / "operator"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -117,7 +118,9 @@ async def test_list_filters_by_task_newest_first(shots_dir):
         "b/3.png",
         "a/1.png",
     ]
-    assert everything["task_id"] is None and everything["directory"] == str(shots_dir)
+    # The operator with no chat lists every chat's folder from the root.
+    assert everything["task_id"] is None
+    assert everything["directory"] == str(shots_dir.parent.parent)
     only_b = (await call(mcp, "list_workspace_screenshots", {"task_id": "b"})).structured_content
     assert [s["relative_path"] for s in only_b["screenshots"]] == ["b/3.png"]
     limited = await call(mcp, "list_workspace_screenshots", {"limit": 1})
@@ -157,7 +160,9 @@ async def test_task_ids_that_could_name_another_path_are_refused(
     ):
         result = await call(mcp, tool, {"task_id": task_id, **extra})
         assert result.is_error, (tool, task_id)
-        assert "[input]" in texts(result) and "not a valid task id" in texts(result)
+        # A NUL is refused before the tool runs, by the argument check every tool shares.
+        expected = "NUL character" if "\x00" in task_id else "not a valid task id"
+        assert "[input]" in texts(result) and expected in texts(result)
     assert fake_openai.chat_requests == []
 
 
@@ -191,10 +196,10 @@ async def test_a_file_named_png_that_is_not_an_image_is_not_sent(
     assert fake_openai.chat_requests == []
 
 
-async def test_chat_id_outside_the_fixed_chat_is_refused(monkeypatch, fake_openai, shots_dir):
+async def test_chat_id_outside_the_fixed_chat_is_refused(monkeypatch, fake_openai, valor_env):
     use_vision_fake(monkeypatch, fake_openai)
     configure(monkeypatch, VALOR_CHAT_ID="111")
-    shoot(shots_dir, "t1", "shot.png", tiny_png(), age_seconds=0)
+    shoot(valor_env / "screenshots" / "chats" / "111", "t1", "shot.png", tiny_png(), age_seconds=0)
     result = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "t1", "chat_id": 222})
     assert result.is_error and "outside it" in texts(result)
     ok = await call(mcp, "retrieve_workspace_screenshot", {"task_id": "t1"})
@@ -237,7 +242,8 @@ async def test_bug_report_end_to_end_with_claude_code_and_vision(
     fake_anthropic.responder = Script(
         [bash_writing_png(png), Text("Reproduced it.\n" + json.dumps(FINDINGS))]
     )
-    shoot(shots_dir, "NOTION-7", "from-yesterday.png", tiny_png(), age_seconds=86_400)
+    chat_shots = shots_dir.parent / "5150"  # the run is for chat 5150: its folder, no other
+    shoot(chat_shots, "NOTION-7", "from-yesterday.png", tiny_png(), age_seconds=86_400)
     updates = []
 
     async def on_progress(progress, total, message):
@@ -258,7 +264,7 @@ async def test_bug_report_end_to_end_with_claude_code_and_vision(
     assert report["status"] == "complete" and report["claude_status"] == "ok", report["notes"]
     assert report["steps"] == FINDINGS["steps"] and report["expected"] == FINDINGS["expected"]
     shot = report["screenshot_path"]
-    assert shot.startswith(str(shots_dir / "NOTION-7") + os.sep) and shot.endswith("-bug.png")
+    assert shot.startswith(str(chat_shots / "NOTION-7") + os.sep) and shot.endswith("-bug.png")
     with open(shot, "rb") as handle:
         assert handle.read() == png  # the file Claude Code's Bash wrote
     assert report["analysis"] == fake_openai.chat_reply
@@ -267,15 +273,21 @@ async def test_bug_report_end_to_end_with_claude_code_and_vision(
 
     # Claude Code got the convention, was allowed Bash, and its run was registered and ended.
     first = fake_anthropic.main_requests[0]
-    assert str(shots_dir / "NOTION-7") in json.dumps(first["messages"])
+    assert str(chat_shots / "NOTION-7") in json.dumps(first["messages"])
     rows = store.query("SELECT kind, chat_id, ended_at FROM processes")
     assert [(r["kind"], r["chat_id"]) for r in rows] == [("claude-bug-report", 5150)]
     assert rows[0]["ended_at"] is not None
 
-    # Delivered to the chat through the bridge's outbox, screenshot attached.
+    # Delivered to the chat through the bridge's outbox, a copy of the screenshot attached from
+    # the chat's media folder (the only folder the outbox sends from).
     (row,) = store.query("SELECT chat_id, text, files, source FROM bridge_outbox")
     assert row["chat_id"] == 5150 and row["source"] == "bug-report"
-    assert json.loads(row["files"]) == [shot] and "stack trace" in row["text"]
+    (attached,) = json.loads(row["files"])
+    chat_media = store.path.parent / "media" / "chats" / "5150"
+    assert attached == str(chat_media / "screenshots" / f"NOTION-7-{os.path.basename(shot)}")
+    with open(attached, "rb") as handle:
+        assert handle.read() == png
+    assert "stack trace" in row["text"]
     assert report["delivery"].startswith("queued for chat 5150")
 
     # Progress notifications: strictly increasing, out of 4, ending with the report.

@@ -87,6 +87,35 @@ def test_post_tool_use_records_calls_to_valor_tools_only(hook_env, valor_env):
     assert hook_log(valor_env) == ""
 
 
+def test_sandboxed_hooks_spool_and_never_open_the_store(hook_env, valor_env, tmp_path):
+    """Inside Valor's sandbox (VALOR_HOOK_SPOOL) the store is hidden: calls and failures become
+    spool lines without a chat id (the runner adds its own), sessions are the runner's, and the
+    prompt gets only the block the launcher built."""
+    spool = tmp_path / "spool.jsonl"
+    spool.touch()
+    env = {**hook_env, "VALOR_HOOK_SPOOL": str(spool), "VALOR_CHAT_ID": str(CHAT)}
+    call = {"session_id": "s1", "tool_name": "mcp__telegram-tools__x", "duration_ms": 5}
+    assert run_hook("post-tool-use", call, env).returncode == 0
+    failed = {**call, "error": "x" * 5000}
+    assert run_hook("post-tool-use-failure", failed, env).returncode == 0
+    assert run_hook("session-start", {"session_id": "s1"}, env).returncode == 0
+    assert run_hook("post-tool-use", "{not json", env).returncode == 0
+    bridge_env = {**env, "VALOR_LAUNCHED_BY": "bridge"}
+    assert run_hook("user-prompt-submit", {"prompt": "hi"}, bridge_env).stdout == ""
+    block = tmp_path / "ctx.txt"
+    block.write_text("<valor-context>the block</valor-context>")
+    with_block = {**bridge_env, "VALOR_CONTEXT_BLOCK_FILE": str(block)}
+    answer = json.loads(run_hook("user-prompt-submit", {"prompt": "hi"}, with_block).stdout)
+    assert answer["hookSpecificOutput"]["additionalContext"] == block.read_text()
+
+    records = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["tool_call", "tool_call", "hook_failure"]
+    assert records[0]["server"] == "telegram-tools" and records[0]["error"] is None
+    assert len(records[1]["error"]) == 300 and "chat_id" not in records[0]
+    assert records[2]["hook"] == "post-tool-use" and "JSONDecodeError" in records[2]["detail"]
+    assert not (valor_env / "valor.db").exists() and hook_log(valor_env) == ""
+
+
 def test_hooks_read_the_data_dir_from_dotenv_like_the_servers(tmp_path):
     project = tmp_path / "project"
     project.mkdir()

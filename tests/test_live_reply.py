@@ -259,7 +259,9 @@ async def test_factory_uses_settings_and_shares_one_controller(monkeypatch):
     a, b = make(RecordingTransport(), 1, 2), make(RecordingTransport(), -100, None)
     assert a.rate is b.rate and not a.typing
     assert b.is_group and not a.is_group
-    assert a.allowed_file_roots == [get_settings().media_path.resolve()]
+    # Each reply uploads only from its own chat's media folder.
+    assert a.allowed_file_roots == [get_settings().chat_media_path(1).resolve()]
+    assert b.allowed_file_roots == [get_settings().chat_media_path(-100).resolve()]
 
 
 def test_formatted_text_survives_plain_concatenation():

@@ -54,7 +54,7 @@ async def test_the_server_lists_its_tools_with_annotations():
     assert tools["save_link"].annotations.open_world_hint is True
     assert tools["create_image"].annotations.destructive_hint is False
     assert (
-        "media directory"
+        "media folder"
         in tools["analyze_shared_image"].input_schema["properties"]["image_path"]["description"]
     )
     assert tools["search_current_info"].output_schema is not None
@@ -146,7 +146,9 @@ async def test_create_image_writes_a_png_into_the_media_directory(
     )
     data = result.structured_content
     path = os.path.realpath(data["path"])
-    assert path.startswith(os.path.realpath(valor_env / "media"))
+    # The operator's own images go to its folder; a chat's to that chat's (test_chat_isolation).
+    assert path.startswith(os.path.realpath(valor_env / "media" / "chats" / "operator"))
+    assert data["relative_path"] == os.path.relpath(path, os.path.realpath(valor_env / "media"))
     with open(path, "rb") as handle:
         assert handle.read() == fake_openai.image
     assert (data["mime_type"], data["width"], data["height"]) == ("image/png", 8, 6)
@@ -232,7 +234,7 @@ async def test_image_generation_failures_are_categorized(
     fake_openai.fail_next(failure, count=3)
     result = await call(mcp, "create_image", {"prompt": "a cat"})
     assert texts(result).startswith(f"[{category}]"), texts(result)
-    generated = valor_env / "media" / "generated"
+    generated = valor_env / "media" / "chats" / "operator" / "generated"
     assert not generated.exists() or not any(generated.iterdir())  # nothing half-written
 
 

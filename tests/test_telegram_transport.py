@@ -159,7 +159,9 @@ async def test_photo_is_saved_into_the_media_dir(transport, telegram_env):
     )
     assert got is not None and len(got.media_paths) == 1
     saved = got.media_paths[0]
-    assert saved.is_relative_to(telegram_env.media_path.resolve())
+    # Into the chat's own media folder (owner-only), where only that chat's run can name it.
+    assert saved.is_relative_to(telegram_env.chat_media_path(42).resolve())
+    assert oct(saved.parent.parent.stat().st_mode & 0o777) == "0o700"
     assert saved.read_bytes() == PNG and saved.name == "42_7.jpg"
 
 

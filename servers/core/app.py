@@ -1,16 +1,36 @@
-"""The one way a Valor server is made: a FastMCP instance with errors masked and logged."""
+"""The one way a Valor server is made: a FastMCP instance with errors masked and logged.
+
+Every tool call's arguments are checked before the tool sees them (``check_arguments``): numbers
+must fit SQLite's 64-bit integers, text may hold no NUL and no lone surrogate, and the text of one
+call is capped (``VALOR_TOOL_TEXT_MAX_CHARS``, or a tool's own setting named with
+``set_text_limit``). Each is an ``[input]`` error naming the argument, never ``[internal]``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from fastmcp import FastMCP
 from fastmcp.exceptions import NotFoundError, ToolError, ValidationError
 from fastmcp.server.middleware import Middleware
 
-from servers.core.errors import input_error, mask_unexpected, redact
+from servers.core.errors import ValorError, input_error, mask_unexpected, redact
 from servers.core.principals import PrincipalToolAccess
+
+# New files and folders of every Valor process are owner-only (the data directory holds every
+# chat's messages and the scope secret); each entry point sets it, servers here at import.
+PRIVATE_UMASK = 0o077
+
+# SQLite stores signed 64-bit integers; a larger id cannot name anything stored.
+INTEGER_LIMIT = 2**63
+
+# Tools whose text limit is a setting of their own (tool name -> Settings field); tool names are
+# unique across Valor's servers, and the bundle checks a mounted server's tool by the same rule.
+_TEXT_LIMIT_SETTINGS: dict[str, str] = {}
+_GENERAL_TEXT_LIMIT = "tool_text_max_chars"
 
 
 class MaskUnexpectedErrors(Middleware):
@@ -23,7 +43,10 @@ class MaskUnexpectedErrors(Middleware):
     async def on_call_tool(self, context: Any, call_next: Any) -> Any:
         name = getattr(context.message, "name", "tool")
         try:
+            check_arguments(name, getattr(context.message, "arguments", None) or {})
             return await call_next(context)
+        except ValorError:
+            raise
         except ToolError as exc:
             cause = exc.__cause__
             if isinstance(cause, Exception) and not isinstance(cause, ToolError):
@@ -50,6 +73,87 @@ def invalid_arguments(exc: ValidationError) -> Exception:
     return input_error("Invalid arguments: " + "; ".join(problems))
 
 
+def set_text_limit(tool: str, setting: str) -> None:
+    """Let ``tool``'s arguments carry up to ``Settings.<setting>`` characters of text instead of
+    the general ``VALOR_TOOL_TEXT_MAX_CHARS`` (for a tool that takes whole conversations)."""
+    from servers.core.settings import Settings
+
+    if setting not in Settings.model_fields:
+        raise ValueError(f"no setting {setting!r}")
+    _TEXT_LIMIT_SETTINGS[tool] = setting
+
+
+def text_limit(tool: str) -> tuple[int, str]:
+    """The most characters of text one call of ``tool`` may carry, and the variable that sets it."""
+    from servers.core.settings import get_settings
+
+    setting = _TEXT_LIMIT_SETTINGS.get(tool, _GENERAL_TEXT_LIMIT)
+    return int(getattr(get_settings(), setting)), f"VALOR_{setting.upper()}"
+
+
+def check_arguments(tool: str, arguments: dict[str, Any]) -> None:
+    """Refuse, as ``[input]``, what no tool can use: numbers beyond SQLite's 64-bit integers,
+    text with NUL characters or lone surrogates (not encodable as UTF-8), and more text in one
+    call than the tool's limit. Runs over the raw arguments before any tool code."""
+    limit, variable = text_limit(tool)
+    total = 0
+    largest, largest_size = "", 0
+    for argument, value in arguments.items():
+        size = 0
+        for path, item in _leaves(str(argument), value):
+            if isinstance(item, str):
+                _check_text(path, item)
+                size += len(item)
+            elif (
+                isinstance(item, int | float)
+                and not isinstance(item, bool)
+                and abs(item) >= INTEGER_LIMIT  # an infinity too; NaN compares False
+            ):
+                raise input_error(
+                    f"Argument {path} is out of range: numbers (ids, counts) must lie "
+                    "between -2^63 and 2^63-1."
+                )
+        total += size
+        if size > largest_size:
+            largest, largest_size = str(argument), size
+    if total > limit:
+        raise input_error(
+            f"The arguments of {tool} hold {total:,} characters of text (the most is in "
+            f"{largest}); the limit is {limit:,} ({variable}). Send less, or split it up."
+        )
+
+
+def _check_text(path: str, text: str) -> None:
+    if "\x00" in text:
+        raise input_error(f"Argument {path} contains a NUL character (\\x00); remove it.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise input_error(
+            f"Argument {path} contains a lone surrogate (U+{ord(text[exc.start]):04X} at "
+            f"position {exc.start}), which is not valid Unicode text; send UTF-8 text."
+        ) from None
+
+
+def _leaves(path: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """Every scalar in an argument (and every key of its objects), with where it sits."""
+    stack = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                yield f"{where} (a key)", key
+                stack.append((f"{where}.{key}" if _plain_key(key) else f"{where}[…]", inner))
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{where}[{index}]", inner) for index, inner in enumerate(item))
+        else:
+            yield where, item
+
+
+def _plain_key(key: Any) -> bool:
+    return isinstance(key, str) and len(key) <= 64 and key.isidentifier()
+
+
 class DropUnmaskedTracebacks(logging.Filter):
     """FastMCP logs a tool's unexpected exception with its traceback, unredacted; Valor logs it
     itself (redacted, with a correlation id), so FastMCP's copy loses the traceback and text."""
@@ -65,6 +169,7 @@ class DropUnmaskedTracebacks(logging.Filter):
 def create_server(name: str, instructions: str) -> FastMCP:
     """A Valor server: errors masked and logged, and each principal shown and allowed only the
     tools it may use (``servers.core.principals``)."""
+    os.umask(PRIVATE_UMASK)
     fastmcp_logger = logging.getLogger("fastmcp.server.server")
     if not any(isinstance(f, DropUnmaskedTracebacks) for f in fastmcp_logger.filters):
         fastmcp_logger.addFilter(DropUnmaskedTracebacks())

@@ -1,7 +1,10 @@
 """Capture a page with Playwright and the system Chromium into the screenshots convention.
 
     python -m servers.core.browser_capture URL --task-id T [--label L] [--full-page]
-    python -m servers.core.browser_capture URL --dir SCREENSHOTS_DIR/T [--label L]
+    python -m servers.core.browser_capture URL --dir SCREENSHOTS_DIR/chats/<chat>/T [--label L]
+
+``--task-id`` saves into the screenshots folder of the chat this process serves
+(``VALOR_CHAT_ID``, set in a chat's runs; without it the operator's).
 
 Writes ``<dir>/<UTC time>-<label>.png`` atomically (a hidden temporary file renamed into place,
 so a lookup never sees half a file) and prints its path. Playwright drives an installed Chromium
@@ -112,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("url")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--task-id", help="save under SCREENSHOTS_DIR/<task id>/")
+    where.add_argument(
+        "--task-id", help="save under the chat's screenshots folder (VALOR_CHAT_ID), <task id>/"
+    )
     where.add_argument("--dir", type=Path, help="save into this folder")
     parser.add_argument("--label", default="page", help="letters, digits, - and _")
     parser.add_argument("--width", type=int, default=1280)
@@ -123,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.task_id is not None:
             from servers.core.settings import get_settings
 
-            base = get_settings().screenshots_path
+            settings = get_settings()
+            base = screenshots.chat_screenshots_folder(settings, settings.chat_id)
             target = screenshots.task_dir(base, args.task_id)
         else:
             target = args.dir

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from servers.core import screenshots
 from servers.core.errors import Category, ValorError
+from servers.core.safe_files import UnsafeFile, read_regular
 
 if TYPE_CHECKING:
     from servers.core.settings import Settings
@@ -189,7 +191,7 @@ async def run_bug_report(
         raise ValorError(
             Category.INPUT, "task_description is empty: describe the bug to reproduce."
         )
-    base = settings.screenshots_path
+    base = screenshots.chat_screenshots_folder(settings, chat_id)  # this chat's, no other's
     target = screenshots.ensure_task_dir(base, task_id)
     timeout = settings.bug_report_timeout_seconds
     steps = _Progress(progress, timeout)
@@ -258,7 +260,7 @@ async def run_bug_report(
         await steps.at(3.0, f"analyzing {fresh[0].relative}")
         question = screenshots.screenshot_question(task_id, f"reproducing the bug: {description}")
         try:
-            analysis = await screenshots.analyze_screenshot(fresh[0], base, question, settings)
+            analysis = await screenshots.analyze_screenshot(fresh[0], question, settings)
             report.analysis, report.analysis_model = analysis["analysis"], analysis["model"]
         except ValorError as exc:
             report.notes.append(f"The screenshot could not be analyzed: {exc}")
@@ -269,11 +271,19 @@ async def run_bug_report(
 
 
 def deliver(report: BugReport, chat_id: int, settings: Settings) -> str:
-    """Queue the report (and its screenshot) in the bridge's outbox; says what happened."""
+    """Queue the report (and its screenshot) in the bridge's outbox; says what happened.
+
+    The outbox sends only files in the chat's media folder, so the screenshot goes out as a copy
+    placed there."""
     from servers.core.outbox import enqueue_outbound
     from servers.core.store import get_store
 
-    files = [report.screenshot.path] if report.screenshot is not None else []
+    files = []
+    if report.screenshot is not None:
+        try:
+            files.append(_copy_for_chat(report.screenshot, chat_id, settings))
+        except (OSError, UnsafeFile, ValorError) as exc:
+            report.notes.append(f"The screenshot could not be attached ({type(exc).__name__}).")
     try:
         row = enqueue_outbound(
             get_store(settings.db_path), chat_id, report.as_text(), files, source="bug-report"
@@ -281,3 +291,15 @@ def deliver(report: BugReport, chat_id: int, settings: Settings) -> str:
     except Exception as exc:  # the report itself is still returned
         return f"not delivered: the outbox refused it ({type(exc).__name__})"
     return f"queued for chat {chat_id} (outbox #{row})"
+
+
+def _copy_for_chat(shot: screenshots.Screenshot, chat_id: int, settings: Settings) -> Path:
+    """Copy a screenshot into the chat's media folder (read without following or blocking)."""
+    from servers.core.media import chat_folder
+
+    data = read_regular(shot.path, settings.image_max_bytes)
+    target = chat_folder(settings, chat_id, "screenshots") / f"{shot.task_id}-{shot.path.name}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(target, flags, 0o600), "wb") as handle:
+        handle.write(data)
+    return target

@@ -109,8 +109,10 @@ def _clean_env_value(value: object, limit: int = 200) -> str:
 def build_env(run: ClaudeRun, settings: Settings) -> dict[str, str]:
     """The run's environment: the base minus every secret, plus the model API and the chat."""
     base = dict(os.environ if run.env is None else run.env)
-    for name in secret_env_names() - {"ANTHROPIC_API_KEY"}:
-        base.pop(name, None)
+    # Settings reads names in any letter case (``telegram_session=`` too), so compare that way.
+    secrets = {name.upper() for name in secret_env_names()}
+    for name in [key for key in base if key.upper() in secrets and key != "ANTHROPIC_API_KEY"]:
+        del base[name]
     if settings.anthropic_api_key is not None:
         base["ANTHROPIC_API_KEY"] = settings.anthropic_api_key.get_secret_value()
     if settings.anthropic_base_url:

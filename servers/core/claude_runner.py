@@ -7,7 +7,10 @@ and environment are built live in ``claude_command``; the stream-json events in
 - is registered in the process registry (pid + create time) and marked ended afterwards;
 - runs in its own process group; on timeout or cancellation the whole tree is ended;
 - falls back once to a fresh session when ``--resume`` names a session Claude Code cannot find;
-- checks the init line: an MCP server that is not "connected" is reported, not ignored.
+- checks the init line: an MCP server that is not "connected" is reported, not ignored;
+- runs inside the OS sandbox (``servers.core.sandbox``; refused when bubblewrap is missing
+  unless VALOR_SANDBOX=off): the registered process is ``bwrap``, whose tree holds the run, and
+  the runner records what the hooks cannot reach from inside (the session, the spooled calls).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from servers.core import sandbox
 from servers.core.claude_command import (
     ClaudeRun,
     build_env,
@@ -71,6 +77,7 @@ class RunOutcome:
     pids: list[int] = field(default_factory=list)
     stderr_tail: str = ""
     seconds: float = 0.0
+    started_at: float = 0.0  # wall clock, when the process was started
 
     @property
     def ok(self) -> bool:
@@ -120,50 +127,76 @@ class ClaudeRunner:
     async def _run_once(
         self, run: ClaudeRun, on_event: EventHandler | None, cancel: asyncio.Event | None
     ) -> RunOutcome:
-        import psutil
-
         if not self.claude_bin:
             raise ValorError(
                 Category.CONFIG,
                 "Claude Code is not installed: run `bash .ci/setup` (installs the pinned CLI "
                 "into node_modules/) or set VALOR_CLAUDE_BIN.",
             )
+        if shutil.which(self.claude_bin) is None:  # checked here: inside bwrap it would be late
+            raise ValorError(
+                Category.CONFIG,
+                f"Could not start Claude Code ({self.claude_bin}): not found or not executable. "
+                "Run `bash .ci/setup` or set VALOR_CLAUDE_BIN.",
+            )
         argv = run_argv(self.claude_bin, run, self.settings)
+        workdir = Path(run.workdir or self.settings.workdir)
+        env = build_env(run, self.settings)
+        with sandbox.launch(argv, env, run, self.settings, workdir, self.claude_bin) as launch:
+            outcome = await self._run_launched(run, launch, workdir, on_event, cancel)
+            if launch.spool is not None:
+                self._after_sandboxed_run(run, launch.spool, outcome)
+        return outcome
+
+    async def _run_launched(
+        self,
+        run: ClaudeRun,
+        launch: sandbox.Launch,
+        workdir: Path,
+        on_event: EventHandler | None,
+        cancel: asyncio.Event | None,
+    ) -> RunOutcome:
+        import psutil
+
         timeout = run.timeout_seconds or self.settings.claude_timeout_seconds
         started = time.monotonic()
         outcome = RunOutcome(status="error")
+        outcome.started_at = time.time()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *launch.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                cwd=str(run.workdir or self.settings.workdir),
-                env=build_env(run, self.settings),
+                cwd=str(workdir),
+                env=launch.env,
                 start_new_session=True,  # its own process group: the tree ends together
                 limit=STREAM_LIMIT_BYTES,
             )
         except OSError as exc:
             raise ValorError(
-                Category.CONFIG, f"Could not start Claude Code ({argv[0]}): {exc.strerror}."
+                Category.CONFIG, f"Could not start Claude Code ({launch.argv[0]}): {exc.strerror}."
             ) from None
         try:
             create_time = process_create_time(proc.pid)
         except psutil.Error:  # gone already: registered and closed at once
             create_time = time.time()
         registration = None
+        command = launch.command_shown(persona=bool(run.append_system_prompt))
         with contextlib.suppress(Exception):  # a registry hiccup must not orphan the process
             registration = register_process(
                 self.store,
                 proc.pid,
                 run.process_kind,
-                argv[:-2] if run.append_system_prompt else argv,
+                command,
                 chat_id=run.chat_id,
                 create_time=create_time,
             )
         outcome.pids.append(proc.pid)
         stderr_task = asyncio.create_task(_read_tail(proc.stderr))
-        consume = asyncio.create_task(self._consume(proc, run, outcome, on_event))
+        consume = asyncio.create_task(
+            self._consume(proc, run, outcome, on_event, workdir if launch.sandboxed else None)
+        )
         waiters: set[asyncio.Future[Any]] = {consume}
         cancel_wait = asyncio.create_task(cancel.wait()) if cancel is not None else None
         if cancel_wait is not None:
@@ -208,7 +241,31 @@ class ClaudeRunner:
         outcome.seconds = time.monotonic() - started
         if outcome.status not in ("cancelled", "timeout"):
             self._conclude(outcome, proc.returncode, run)
+            if (
+                launch.sandboxed
+                and outcome.result is None
+                and sandbox.is_sandbox_failure(outcome.stderr_tail)
+            ):
+                outcome.error = ValorError(
+                    Category.CONFIG,
+                    "The sandbox could not start Claude Code: "
+                    f"{outcome.stderr_tail.strip().splitlines()[-1][:300]}. Check that "
+                    "bubblewrap works here (user namespaces enabled), or set "
+                    "VALOR_SANDBOX=off to allow unsandboxed runs.",
+                )
         return outcome
+
+    def _after_sandboxed_run(self, run: ClaudeRun, spool: Path, outcome: RunOutcome) -> None:
+        """What the hooks cannot do from inside the sandbox: their spooled tool calls into the
+        store (the chat is the run's), and the session closed."""
+        try:
+            sandbox.ingest_spool(
+                self.store, spool, run.chat_id, outcome.started_at, self.settings.log_path
+            )
+            if outcome.session_id:
+                sandbox.record_session_end(self.store, outcome.session_id, outcome.status)
+        except Exception as exc:  # monitoring data must not turn an answer into a failure
+            log.warning("recording a sandboxed run's hooks failed: %s", type(exc).__name__)
 
     async def _consume(
         self,
@@ -216,7 +273,10 @@ class ClaudeRunner:
         run: ClaudeRun,
         outcome: RunOutcome,
         on_event: EventHandler | None,
+        sandboxed_in: Path | None = None,
     ) -> None:
+        """Read the events to the end; a sandboxed run's session is recorded at its init line
+        (``sandboxed_in`` is its workdir), since its hooks cannot reach the store."""
         assert proc.stdout is not None
         texts: list[str] = []
         while True:
@@ -239,6 +299,8 @@ class ClaudeRunner:
                     outcome.failed_servers = _failed_servers(event, run.expected_servers)
                     if outcome.failed_servers:
                         log.warning("MCP servers not connected: %s", outcome.failed_servers)
+                    if sandboxed_in is not None and event.session_id:
+                        self._record_session(proc.pid, event.session_id, run, sandboxed_in)
                 elif isinstance(event, TextEvent):
                     texts.append(event.text)
                 elif isinstance(event, ResultEvent):
@@ -250,6 +312,13 @@ class ClaudeRunner:
                     except Exception:  # a display failure must not end the run
                         log.exception("event handler failed")
         outcome.text = texts[-1] if texts else ""
+
+    def _record_session(self, root_pid: int, session_id: str, run: ClaudeRun, cwd: Path) -> None:
+        try:
+            pid, create_time = sandbox.run_process(root_pid)
+            sandbox.record_session_start(self.store, session_id, run, pid, create_time, cwd)
+        except Exception as exc:  # monitoring data must not end the run
+            log.warning("recording a sandboxed session failed: %s", type(exc).__name__)
 
     def _conclude(self, outcome: RunOutcome, returncode: int | None, run: ClaudeRun) -> None:
         result = outcome.result

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from servers.core import promises
-from servers.core.errors import input_error, redact
+from servers.core.errors import describe_exception, input_error, redact
 from servers.core.store import Store, now
 
 if TYPE_CHECKING:
@@ -467,7 +467,7 @@ async def run_session(
     except Exception as exc:
         report.status = "failed"
         report.summary = f"failed: {type(exc).__name__}: {redact(str(exc))[:300]}"
-        log.exception("daydream %s failed", report.session_id)
+        log.error("daydream %s failed: %s", report.session_id, describe_exception(exc))
     report.finished_at = now()
     _save(store, report)
     log.info("daydream %s %s", report.session_id, report.summary)

@@ -51,6 +51,7 @@ METADATA_ADDRESSES = frozenset(
 )
 METADATA_HOSTNAMES = frozenset({"metadata.google.internal", "metadata", "instance-data"})
 
+INFLATE_STEP = 256 * 1024  # most bytes inflated at once: a bomb's chunk never lands whole
 HTML_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 USER_AGENT = "Valor/0.1 (+link saver)"
@@ -195,6 +196,11 @@ def vet_url(
 
     try:
         parsed = httpx.URL(str(url)) if not isinstance(url, httpx.URL) else url
+        host = parsed.host  # decoded from IDNA (xn--…) here; a bad one raises
+    except UnicodeError as exc:  # idna.IDNAError and its kinds
+        raise _refuse(
+            f"The link's host name is not a valid internationalized domain name ({exc})."
+        ) from None
     except (httpx.InvalidURL, ValueError) as exc:
         raise _refuse(f"That is not a valid URL ({exc}).") from None
     if parsed.scheme not in ("http", "https"):
@@ -202,7 +208,6 @@ def vet_url(
         raise _refuse(f"Only http and https links can be fetched, not {shown}.")
     if parsed.userinfo:
         raise _refuse("Links with a user name or password in them are not fetched.")
-    host = parsed.host
     if not host:
         raise _refuse("The link has no host name.")
     if host.rstrip(".").lower() in METADATA_HOSTNAMES:
@@ -346,13 +351,24 @@ async def _one_hop(
     request = client.build_request(
         "GET", target.connect_url, headers=headers, extensions=extensions
     )
-    response = await client.send(request, stream=True)
+    try:
+        response = await client.send(request, stream=True)
+    except UnicodeError:  # httpx parses a redirect's Location on arrival: a bad IDNA host
+        raise ValorError(
+            Category.UPSTREAM,
+            "The site redirected to a host name that is not a valid internationalized domain name.",
+        ) from None
     try:
         if response.is_redirect:
             location = response.headers.get("location", "")
             if not location:
                 raise ValorError(Category.UPSTREAM, "The site redirected without a Location.")
-            return url.join(location)
+            try:
+                return url.join(location)
+            except (httpx.InvalidURL, ValueError):  # UnicodeError (IDNA) is a ValueError
+                raise ValorError(
+                    Category.UPSTREAM, "The site redirected to a link that is not a valid URL."
+                ) from None
         _check_status(response.status_code)
         media_type, charset = _content_type(response.headers.get("content-type", ""))
         if media_type not in limits.allowed_types:
@@ -365,11 +381,13 @@ async def _one_hop(
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_bytes:
             raise _too_large(limits)
+        # Decoded here, not by httpx: its decoder inflates a whole network chunk at once (a 64 KB
+        # gzip chunk can hold 64 MB of zeros); this one stops one byte past the limit.
+        decoder = BoundedDecoder(response.headers.get("content-encoding", ""), limits)
         body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > limits.max_bytes:
-                raise _too_large(limits)
+        async for chunk in response.aiter_raw():
+            for piece in decoder.decode(chunk, limits.max_bytes - len(body)):
+                body += piece
         return FetchedPage(
             url=str(url),
             status=response.status_code,
@@ -379,6 +397,73 @@ async def _one_hop(
         )
     finally:
         await response.aclose()
+
+
+class BoundedDecoder:
+    """A response body's Content-Encoding (identity, gzip or deflate) undone as it streams,
+    producing at most one byte beyond the room the caller has left: a page that inflates past
+    the limit is refused after inflating about the limit, not the whole bomb."""
+
+    def __init__(self, content_encoding: str, limits: FetchLimits):
+        import zlib
+
+        self.limits = limits
+        codings = [part.strip().lower() for part in content_encoding.split(",") if part.strip()]
+        codings = [coding for coding in codings if coding != "identity"]
+        if len(codings) > 1 or (codings and codings[0] not in ("gzip", "x-gzip", "deflate")):
+            raise ValorError(
+                Category.UPSTREAM,
+                f"The site sent its page encoded as {', '.join(codings)!r}; Valor asks for "
+                "gzip or deflate only.",
+            )
+        self.coding = codings[0] if codings else None
+        self.gzip = self.coding in ("gzip", "x-gzip")
+        self.started = False
+        self.inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if self.gzip else zlib.MAX_WBITS)
+
+    def decode(self, raw: bytes, room: int) -> Iterator[bytes]:
+        """The decoded bytes of ``raw`` in pieces of at most ``INFLATE_STEP`` bytes;
+        ``_too_large`` as soon as they pass ``room``. Reaching that bound means the page is
+        refused, so input left unconsumed then never matters."""
+        if self.coding is None:
+            if len(raw) > room:
+                raise _too_large(self.limits)
+            yield raw
+            return
+        if not raw:
+            return
+        produced, data = 0, raw
+        while True:
+            wanted = min(room - produced + 1, INFLATE_STEP)
+            piece = self._inflate(data, wanted)
+            produced += len(piece)
+            if produced > room:
+                raise _too_large(self.limits)
+            yield piece
+            if len(piece) < wanted:  # everything this input holds has come out
+                return
+            data = self.inflater.unconsumed_tail  # may be empty: zlib can still hold output
+
+    def _inflate(self, raw: bytes, most: int) -> bytes:
+        import zlib
+
+        if self.inflater.eof:  # after the end of the stream: trailing bytes are ignored
+            return b""
+        try:
+            try:
+                data = self.inflater.decompress(raw, most)
+            except zlib.error:
+                if self.gzip or self.started:
+                    raise
+                # "deflate" is sometimes sent raw, without the zlib header (httpx allows it too)
+                self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                data = self.inflater.decompress(raw, most)
+        except zlib.error:
+            raise ValorError(
+                Category.UPSTREAM, "The site sent a compressed page that could not be decoded."
+            ) from None
+        self.started = True
+        return data
 
 
 def _too_large(limits: FetchLimits) -> ValorError:

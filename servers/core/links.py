@@ -76,12 +76,18 @@ def normalize_url(url: str) -> str:
         raise input_error(f"The link is longer than {MAX_URL_LENGTH} characters.")
     try:
         parsed = httpx.URL(text)
+        # The host is decoded from IDNA (xn--…) only when read; a bad one raises there.
+        normalized = str(parsed.copy_with(fragment=None)) if parsed.host is not None else ""
+    except UnicodeError as exc:  # idna.IDNAError and its kinds
+        raise input_error(
+            f"The link's host name is not a valid internationalized domain name ({exc})."
+        ) from None
     except (httpx.InvalidURL, ValueError) as exc:
         raise input_error(f"That is not a valid URL ({exc}).") from None
     if parsed.scheme not in ("http", "https"):
         shown = parsed.scheme or "no scheme"
         raise input_error(f"Only http and https links can be saved, not {shown}.")
-    return str(parsed.copy_with(fragment=None))
+    return normalized
 
 
 def extract_article(html: str, url: str) -> Article:

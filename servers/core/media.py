@@ -1,22 +1,33 @@
-"""Images in the media directory: confined paths, validated formats, bounded sizes.
+"""Images in the media directory: per-chat folders, confined paths, validated formats, bounded
+sizes.
 
-Every path a tool receives is confined to the media directory: relative paths are taken from it,
-absolute paths must lie inside it, ``..`` is refused outright, and the real path (symlinks
-followed) must still be inside it. The file is opened without following a final symlink, its
-size is checked on the open descriptor, and its first bytes must be a JPEG, PNG, GIF or WebP
-signature, whatever its name says.
+Each chat has its own folder (``Settings.chat_media_path``: ``MEDIA_DIR/chats/<chat id>``, the
+operator's ``operator``): photos it sent, images made for it, files it may be sent. A chat's
+names resolve only inside its folder; the operator's inside the whole media directory
+(``names_root``). Every path a tool receives is confined to that root: relative paths are taken
+from it, absolute paths must lie inside it, ``..`` is refused outright, and the real path
+(symlinks followed) must still be inside it. A name in another chat's folder therefore gets the
+same answer as a name that exists nowhere. The file is opened with ``O_NONBLOCK | O_NOFOLLOW``
+and its type and size are checked on the descriptor (``servers.core.safe_files``): a FIFO fails at
+once instead of blocking; the first bytes must be a JPEG, PNG, GIF or WebP signature, whatever
+the name says.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import stat
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
 from servers.core.errors import Category, ValorError
+from servers.core.safe_files import UnsafeFile, ensure_private_dir, open_regular
+
+if TYPE_CHECKING:
+    from servers.core.settings import Settings
 
 EXTENSIONS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 EXTENSIONS |= {".gif": "image/gif", ".webp": "image/webp"}
@@ -44,6 +55,40 @@ def sniff_image_type(head: bytes) -> str | None:
     if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
     return None
+
+
+def names_root(settings: Settings, chat_id: int | None) -> Path:
+    """Where a caller's file names resolve: a chat's own folder; with no chat (only the operator
+    gets there, see ``trust.resolve_chat_id``) the whole media directory."""
+    return settings.media_path if chat_id is None else settings.chat_media_path(chat_id)
+
+
+def chat_folder(settings: Settings, chat_id: int | None, *parts: str) -> Path:
+    """The chat's media folder (or a sub-folder of it), created owner-only."""
+    folder = settings.chat_media_path(chat_id)
+    levels = [settings.media_path, folder.parent, folder]
+    levels += [folder.joinpath(*parts[:depth]) for depth in range(1, len(parts) + 1)]
+    for level in levels:  # each level, so no parent is left with the umask's looser mode
+        ensure_private_dir(level)
+    return levels[-1]
+
+
+def sendable_file(raw: str | os.PathLike[str], root: Path) -> Path:
+    """The real path of ``raw`` when it is a regular file inside ``root`` (symlinks resolved,
+    opened without following or blocking); else ``UnsafeFile`` with a reason safe to log.
+    A relative ``raw`` is taken from ``root``."""
+    base = Path(os.path.realpath(root))
+    candidate = Path(raw)
+    real = Path(os.path.realpath(candidate if candidate.is_absolute() else base / candidate))
+    if not real.is_relative_to(base) or real == base:
+        raise UnsafeFile("outside the chat's media folder")
+    try:
+        os.close(open_regular(real))
+    except (FileNotFoundError, NotADirectoryError):
+        raise UnsafeFile("missing") from None
+    except PermissionError:
+        raise UnsafeFile("not readable") from None
+    return real
 
 
 def confine(image_path: str, media_dir: Path, *, folder: str = "media folder") -> tuple[Path, str]:
@@ -85,17 +130,16 @@ def read_image(
             Category.INPUT, f"{relative} is not a supported image type (use {allowed})."
         )
     try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
+        # O_NONBLOCK | O_NOFOLLOW, type checked on the descriptor: a FIFO fails here, at once.
+        fd = open_regular(real)
+    except (FileNotFoundError, NotADirectoryError):
         raise ValorError(Category.FILE, f"No image at {relative} in the {folder}.") from None
+    except UnsafeFile:
+        raise ValorError(Category.FILE, f"{relative} is not a regular file.") from None
     except OSError as exc:
-        raise ValorError(
-            Category.FILE, f"{relative} could not be opened ({exc.strerror})."
-        ) from None
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
+        raise ValorError(Category.FILE, f"{relative} could not be opened ({reason}).") from None
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise ValorError(Category.FILE, f"{relative} is not a regular file.")
     with os.fdopen(fd, "rb") as handle:
         if info.st_size > max_bytes:
             raise ValorError(
@@ -124,8 +168,7 @@ def save_image(data: bytes, media_dir: Path, *, stem: str = "generated") -> tupl
     mime_type = sniff_image_type(data[:16])
     if mime_type is None:
         raise ValorError(Category.UPSTREAM, "The image service returned data that is not an image.")
-    folder = media_dir / "generated"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ensure_private_dir(media_dir / "generated")
     name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     path = folder / (name + SUFFIX_FOR_TYPE[mime_type])
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)

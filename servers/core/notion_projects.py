@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from servers.core.errors import Category, ValorError, redact
+from servers.core.errors import Category, ValorError, describe_exception, redact
 from servers.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def translate_error(exc: Exception) -> ValorError:
     if isinstance(exc, httpx.HTTPError):
         return ValorError(Category.UPSTREAM, "Notion could not be reached; check NOTION base URL.")
     if isinstance(exc, ValueError | KeyError | TypeError | AttributeError):
-        log.warning("malformed reply from Notion: %s", redact(repr(exc)))
+        log.warning("malformed reply from Notion: %s", describe_exception(exc))
         return ValorError(Category.UPSTREAM, "Notion sent a malformed reply; try again later.")
     raise exc
 

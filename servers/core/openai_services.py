@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from servers.core.errors import Category, ValorError, redact
+from servers.core.errors import Category, ValorError, describe_exception
 from servers.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def translate_error(exc: Exception, service: Service) -> ValorError:
             f"{name} failed (HTTP {exc.status_code}); try again later.",
         )
     if isinstance(exc, ValueError | KeyError | TypeError | AttributeError | IndexError):
-        log.warning("malformed reply from %s: %s", name, redact(repr(exc)))
+        log.warning("malformed reply from %s: %s", name, describe_exception(exc))
         return ValorError(Category.UPSTREAM, f"{name} sent a malformed reply; try again later.")
     if isinstance(exc, openai.OpenAIError):
         return ValorError(Category.UPSTREAM, f"{name} failed: {type(exc).__name__}.")

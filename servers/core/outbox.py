@@ -3,16 +3,31 @@
 Any process (the daemon, a promise worker, a server) calls ``enqueue_outbound``; the bridge, the
 only process connected to Telegram, delivers pending rows in order and marks them sent. A row that
 keeps failing is marked failed after ``MAX_ATTEMPTS`` so one bad message cannot block a chat.
+
+A row's files leave the machine only when each is a regular file inside that chat's media folder
+(``Settings.chat_media_path``; symlinks resolved, opened without following or blocking). Rows are
+plain data any writer of the store can add, so this is checked when a row is read for delivery
+(``pending_outbound``): a file that fails is dropped, the chat is told in a note on the message,
+and the log names the row and the reason, never the file's contents.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from servers.core.media import sendable_file
+from servers.core.safe_files import UnsafeFile
 from servers.core.store import Store, now
+
+if TYPE_CHECKING:
+    from servers.core.settings import Settings
+
+log = logging.getLogger("valor.outbox")
 
 MAX_ATTEMPTS = 5
 MAX_TEXT_CHARS = 100_000
@@ -51,24 +66,63 @@ def enqueue_outbound(
     return int(row[0])
 
 
-def pending_outbound(store: Store, limit: int = 50) -> list[OutboundMessage]:
+def pending_outbound(
+    store: Store, limit: int = 50, *, settings: Settings | None = None
+) -> list[OutboundMessage]:
+    """Pending rows in order, their files confined to each chat's media folder (see above)."""
+    from servers.core.settings import get_settings
+
+    settings = settings or get_settings()
     rows = store.query(
         "SELECT id, chat_id, text, files, reply_to, source, attempts FROM bridge_outbox "
         "WHERE status = 'pending' ORDER BY id LIMIT ?",
         (int(limit),),
     )
-    return [
-        OutboundMessage(
-            row["id"],
-            row["chat_id"],
-            row["text"],
-            tuple(Path(p) for p in json.loads(row["files"])),
-            row["reply_to"],
-            row["source"],
-            row["attempts"],
+    messages = []
+    for row in rows:
+        files, refused = _sendable(row["id"], row["chat_id"], json.loads(row["files"]), settings)
+        text = row["text"]
+        if refused:
+            note = REFUSED_NOTE.format(count=refused, s="" if refused == 1 else "s")
+            text = f"{text}\n\n{note}" if text.strip() else note
+        messages.append(
+            OutboundMessage(
+                row["id"],
+                row["chat_id"],
+                text,
+                files,
+                row["reply_to"],
+                row["source"],
+                row["attempts"],
+            )
         )
-        for row in rows
-    ]
+    return messages
+
+
+REFUSED_NOTE = (
+    "({count} attached file{s} could not be sent: only files in this chat's own media folder "
+    "can be.)"
+)
+
+
+def _sendable(
+    row_id: int, chat_id: int, names: list[str], settings: Settings
+) -> tuple[tuple[Path, ...], int]:
+    """The row's files that may go to ``chat_id``, and how many were refused."""
+    root = settings.chat_media_path(chat_id)
+    allowed: list[Path] = []
+    refused = 0
+    for name in names:
+        try:
+            path = sendable_file(str(name), root)
+        except (UnsafeFile, ValueError, OSError) as exc:
+            refused += 1
+            reason = str(exc) if isinstance(exc, UnsafeFile) else type(exc).__name__
+            log.warning("outbox row %d for chat %s: refused a file (%s)", row_id, chat_id, reason)
+            continue
+        if path not in allowed:
+            allowed.append(path)
+    return tuple(allowed), refused
 
 
 def mark_outbound_sent(store: Store, outbound_id: int) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from servers.core.errors import Category, ValorError, input_error, redact
+from servers.core.errors import Category, ValorError, describe_exception, input_error, redact
 from servers.core.store import Store, now
 
 if TYPE_CHECKING:
@@ -243,11 +243,17 @@ def run_promise_task(promise_id: int, task: Any = None) -> None:
 # --- state --------------------------------------------------------------------------------------
 
 
+def missing_promise(promise_id: int) -> ValorError:
+    """The one answer for a promise a caller may not see: missing, or another chat's (a chat
+    must not learn that another chat's promise exists)."""
+    return input_error(f"No promise with id {promise_id}; list_promises shows them.")
+
+
 def get_promise(store: Store, promise_id: int) -> Promise:
     sql = f"SELECT {_COLUMNS} FROM promises WHERE id = ?"  # noqa: S608 - fixed column list
     rows = store.query(sql, (int(promise_id),))
     if not rows:
-        raise input_error(f"No promise with id {promise_id}; list_promises shows them.")
+        raise missing_promise(promise_id)
     return Promise(*tuple(rows[0]))
 
 
@@ -367,7 +373,7 @@ def execute_promise(
     except ValorError as exc:
         return _finish(store, promise_id, "failed", error=exc.args[0], cancelled=cancelled)
     except Exception as exc:
-        log.exception("promise %s failed unexpectedly", promise_id)
+        log.error("promise %s failed unexpectedly: %s", promise_id, describe_exception(exc))
         error = f"[internal] {type(exc).__name__}: {redact(str(exc))[:500]}"
         return _finish(store, promise_id, "failed", error=error, cancelled=cancelled)
     return _finish(store, promise_id, "completed", result=result, cancelled=cancelled)

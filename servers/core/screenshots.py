@@ -1,7 +1,12 @@
 """Workspace screenshots: the task-id naming convention, lookup by task and age, and analysis.
 
+Each chat has its own screenshots folder (``Settings.chat_screenshots_path``:
+``SCREENSHOTS_DIR/chats/<chat id>``, the operator's ``operator``). A chat lists and reads only
+its own; the operator, with no chat named, every chat's (``screenshot_bases``). So another chat's
+task reads exactly as a task with no screenshot.
+
 Convention: a screenshot for task ``T`` is an image file directly inside
-``SCREENSHOTS_DIR/T/`` (any name; ``<UTC time>-<label>.png`` by convention). The newest file by
+``<chat folder>/T/`` (any name; ``<UTC time>-<label>.png`` by convention). The newest file by
 modification time is the task's current screenshot. Hidden files (a leading dot) are ignored, so
 a writer can write ``.name.part`` and rename it into place. Task ids are strict: letters, digits,
 ``-`` and ``_`` only, starting with a letter or digit, at most 128 characters — so a task id can
@@ -36,9 +41,10 @@ MAX_LISTED = 500
 class Screenshot:
     task_id: str
     path: Path
-    relative: str  # relative to the screenshots directory
+    relative: str  # relative to its chat's screenshots folder (``base``)
     size: int
     modified: float  # epoch seconds
+    base: Path  # the chat's screenshots folder it was found in
 
     def age_seconds(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.modified)
@@ -70,6 +76,40 @@ def validate_label(label: str) -> str:
     )
 
 
+def screenshot_bases(settings: Settings, chat_id: int | None) -> list[Path]:
+    """The screenshots folders a caller sees: a chat's own; with no chat (only the operator gets
+    there, see ``trust.resolve_chat_id``) every chat's folder, the operator's included."""
+    if chat_id is not None:
+        return [settings.chat_screenshots_path(chat_id)]
+    chats = settings.screenshots_path / "chats"
+    try:
+        entries = sorted(os.scandir(chats), key=lambda entry: entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)]
+
+
+def chat_screenshots_folder(settings: Settings, chat_id: int | None) -> Path:
+    """The chat's screenshots folder, created owner-only (each level, parents included)."""
+    from servers.core.safe_files import ensure_private_dir
+
+    folder = settings.chat_screenshots_path(chat_id)
+    try:
+        for level in (settings.screenshots_path, folder.parent, folder):
+            ensure_private_dir(level)
+    except OSError as exc:
+        raise _unwritable(settings.screenshots_path, exc) from None
+    return folder
+
+
+def _unwritable(base: Path, exc: OSError) -> ValorError:
+    return ValorError(
+        Category.FILE,
+        f"The screenshots folder {base} cannot be written ({exc.strerror}): fix its "
+        "permissions or set VALOR_SCREENSHOTS_DIR.",
+    )
+
+
 def task_dir(base: Path, task_id: str) -> Path:
     """``base/task_id`` (not created). A symlinked task folder is refused."""
     path = base / validate_task_id(task_id)
@@ -91,11 +131,7 @@ def ensure_task_dir(base: Path, task_id: str) -> Path:
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.mkdir(exist_ok=True, mode=0o700)
     except OSError as exc:
-        raise ValorError(
-            Category.FILE,
-            f"The screenshots folder {base} cannot be written ({exc.strerror}): fix its "
-            "permissions or set VALOR_SCREENSHOTS_DIR.",
-        ) from None
+        raise _unwritable(base, exc) from None
     return path
 
 
@@ -139,20 +175,28 @@ def _images_in(task_id: str, folder: Path, base: Path) -> list[Screenshot]:
                 relative=f"{task_id}/{entry.name}",
                 size=info.st_size,
                 modified=info.st_mtime,
+                base=base,
             )
         )
     return shots
 
 
 def list_screenshots(
-    base: Path, task_id: str | None = None, *, since: float | None = None, limit: int = MAX_LISTED
+    bases: Path | list[Path],
+    task_id: str | None = None,
+    *,
+    since: float | None = None,
+    limit: int = MAX_LISTED,
 ) -> list[Screenshot]:
-    """Screenshots newest first, for one task or every task; ``since`` drops older ones."""
-    if task_id is not None:
-        folders = [(validate_task_id(task_id), task_dir(base, task_id))]
-    else:
-        folders = _task_folders(base)
-    shots = [shot for name, folder in folders for shot in _images_in(name, folder, base)]
+    """Screenshots newest first in the given folder(s), for one task or every task; ``since``
+    drops older ones."""
+    shots = []
+    for base in [bases] if isinstance(bases, Path) else bases:
+        if task_id is not None:
+            folders = [(validate_task_id(task_id), task_dir(base, task_id))]
+        else:
+            folders = _task_folders(base)
+        shots += [shot for name, folder in folders for shot in _images_in(name, folder, base)]
     if since is not None:
         shots = [shot for shot in shots if shot.modified >= since]
     shots.sort(key=lambda shot: (shot.modified, shot.relative), reverse=True)
@@ -160,15 +204,17 @@ def list_screenshots(
 
 
 def newest_screenshot(
-    base: Path, task_id: str, max_age_minutes: float, *, now: float | None = None
+    bases: Path | list[Path], task_id: str, max_age_minutes: float, *, now: float | None = None
 ) -> Screenshot:
-    """The task's newest screenshot if it is fresh enough; else a [file] error that says why."""
-    shots = list_screenshots(base, task_id, limit=1)
+    """The task's newest screenshot if it is fresh enough; else a [file] error that says why.
+    The message names only the task, never a folder, so it reads the same for every caller."""
+    shots = list_screenshots(bases, task_id, limit=1)
     if not shots:
         raise ValorError(
             Category.FILE,
-            f"No screenshot for task {task_id}: none is saved in {base / task_id}. Take one "
-            f"with Playwright and save it there (see docs/tools/development-tools.md).",
+            f"No screenshot for task {task_id}: none is saved under {task_id}/ in the "
+            "screenshots folder of this session. Take one with Playwright and save it there "
+            "(see docs/tools/development-tools.md).",
         )
     shot = shots[0]
     age_minutes = shot.age_seconds(now) / 60
@@ -182,9 +228,10 @@ def newest_screenshot(
     return shot
 
 
-def read_screenshot(shot: Screenshot, base: Path, max_bytes: int) -> media.ImageFile:
-    """Read through the media module's checks (confinement, O_NOFOLLOW, size, magic bytes)."""
-    return media.read_image(shot.relative, base, max_bytes, folder=FOLDER)
+def read_screenshot(shot: Screenshot, max_bytes: int) -> media.ImageFile:
+    """Read through the media module's checks (confinement to the shot's own chat folder,
+    O_NONBLOCK | O_NOFOLLOW, regular files only, size, magic bytes)."""
+    return media.read_image(shot.relative, shot.base, max_bytes, folder=FOLDER)
 
 
 def screenshot_question(task_id: str, context: str = "") -> str:
@@ -196,15 +243,13 @@ def screenshot_question(task_id: str, context: str = "") -> str:
     )
 
 
-async def analyze_screenshot(
-    shot: Screenshot, base: Path, question: str, settings: Settings
-) -> dict[str, Any]:
+async def analyze_screenshot(shot: Screenshot, question: str, settings: Settings) -> dict[str, Any]:
     """``{"analysis", "model", "mime_type"}`` from the vision model (OpenAI)."""
     import anyio
 
     from servers.core import openai_services
 
     openai_services.require_key(openai_services.OPENAI, settings)
-    image = await anyio.to_thread.run_sync(read_screenshot, shot, base, settings.image_max_bytes)
+    image = await anyio.to_thread.run_sync(read_screenshot, shot, settings.image_max_bytes)
     result = await openai_services.analyze_image(image, question)
     return {**result, "mime_type": image.mime_type}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -127,6 +128,14 @@ class Settings(BaseSettings):
     claude_timeout_seconds: float = Field(default=900.0, gt=0)
     claude_max_retries: int = Field(default=2, ge=0)
     claude_extra_allowed_tools: list[str] = Field(default_factory=list)
+    sandbox: Literal["bwrap", "off"] = Field(
+        default="bwrap",
+        description='OS sandbox of every Claude Code run: "bwrap" (bubblewrap) or "off" (runs '
+        "see everything Valor's user can; the operator's explicit choice, logged).",
+    )
+    bwrap_bin: str | None = Field(
+        default=None, description="The bubblewrap executable (default: `bwrap` on PATH)."
+    )
 
     # --- Telegram ---
     telegram_api_id: int | None = Field(
@@ -229,6 +238,20 @@ class Settings(BaseSettings):
     def promise_queue_path(self) -> Path:
         return self.data_dir / "promise_queue.db"
 
+    # --- input size limits on tool arguments (servers/core/app.py check_arguments) ---
+    tool_text_max_chars: int = Field(
+        default=20_000,
+        ge=1_000,
+        description="Most characters of text one tool call may carry, all its text arguments "
+        "together (context-tools have their own limit).",
+    )
+    context_tool_max_chars: int = Field(
+        default=1_000_000,
+        ge=1_000,
+        description="Most characters of text one context-tools call (a whole conversation) "
+        "may carry.",
+    )
+
     # --- history tool bounds ---
     history_max_results: int = Field(default=50, ge=1, le=500)
     history_max_chars: int = Field(default=20_000, ge=1_000)
@@ -313,6 +336,15 @@ class Settings(BaseSettings):
     def screenshots_path(self) -> Path:
         return self.screenshots_dir or self.data_dir / "screenshots"
 
+    def chat_media_path(self, chat_id: int | None) -> Path:
+        """One chat's media (photos received, images generated, files it may send); the
+        operator's (no chat) under ``operator``. A chat's run sees only its own."""
+        return self.media_path / "chats" / _chat_folder(chat_id)
+
+    def chat_screenshots_path(self, chat_id: int | None) -> Path:
+        """One chat's screenshots and bug-report captures; the operator's under ``operator``."""
+        return self.screenshots_path / "chats" / _chat_folder(chat_id)
+
     @property
     def log_path(self) -> Path:
         return self.log_dir or self.data_dir / "logs"
@@ -330,6 +362,10 @@ class Settings(BaseSettings):
         from shutil import which
 
         return which("claude")
+
+
+def _chat_folder(chat_id: int | None) -> str:
+    return "operator" if chat_id is None else str(int(chat_id))
 
 
 @lru_cache(maxsize=1)

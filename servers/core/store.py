@@ -3,10 +3,16 @@
 WAL journal, busy_timeout and short transactions make it safe for eight servers, the bridge and
 the daemon at once. Schema changes are versioned migrations (``PRAGMA user_version``) in
 ``servers.core.migrations``; opening the store applies the missing ones under a write lock.
+
+The file is owner-only (0600, and SQLite gives its -wal and -shm the same mode); a looser one is
+tightened on open, with a log line. A store SQLite cannot use (corrupt, read-only, full, locked)
+is a ``[store]`` error saying what to do (``servers.core.errors.store_error``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -15,8 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from servers.core.migrations import MIGRATIONS
+from servers.core.safe_files import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    ensure_private_dir,
+    tighten,
+)
 
 BUSY_TIMEOUT_MS = 10_000
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's own files beside a database
 
 
 class Store:
@@ -24,30 +37,52 @@ class Store:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self.migrate()
+        make_private(self.path)
+        try:
+            self.migrate()
+        except sqlite3.Error as exc:
+            raise self._store_error(exc) from None
 
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            try:
+                conn = self._open()
+            except sqlite3.Error as exc:
+                raise self._store_error(exc) from None
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _store_error(self, exc: sqlite3.Error) -> Exception:
+        """What opening the store failed with: a [store] error when SQLite says what is wrong.
+        (Imported here: the errors module loads FastMCP, and the hooks open the store without.)"""
+        from servers.core.errors import store_error
+
+        return store_error(exc, self.path) or exc
 
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -96,20 +131,38 @@ class Store:
         self._local = threading.local()
 
 
+def make_private(db_path: Path) -> None:
+    """Create the database file owner-only if it is missing (SQLite gives its -wal and -shm the
+    database's mode), and tighten it and them if they are looser, with a log line."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    for candidate in (db_path, *(Path(f"{db_path}{suffix}") for suffix in SIDE_FILES)):
+        tighten(candidate, PRIVATE_FILE_MODE)
+
+
+def secure_data_dir(data_dir: Path, db_path: Path | None = None) -> None:
+    """At a process's start: the data directory 0700 and the store's files 0600, tightening
+    (with a log line each) whatever an older version or a copy left looser."""
+    ensure_private_dir(data_dir)
+    if db_path is not None and db_path.exists():
+        make_private(db_path)
+
+
 _stores: dict[Path, Store] = {}
 _stores_lock = threading.Lock()
 
 
 def get_store(path: Path | None = None) -> Store:
     """The process-wide store for the configured data directory."""
-    if path is None:
-        from servers.core.settings import get_settings
+    from servers.core.settings import get_settings
 
-        path = get_settings().db_path
-    path = Path(path)
+    settings = get_settings()
+    path = Path(settings.db_path if path is None else path)
     with _stores_lock:
         store = _stores.get(path)
         if store is None:
+            if path == settings.db_path:  # the data directory's own store
+                ensure_private_dir(settings.data_dir)
             store = _stores[path] = Store(path)
         return store
 
