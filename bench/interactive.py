@@ -64,6 +64,7 @@ class FirstRequest:
     arrived: float | None = None
     tool_rss_mb: float = 0.0
     tool_processes: int = 0
+    descendants: list = field(default_factory=list)  # claude's process tree at that request
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -72,6 +73,21 @@ class Run(NamedTuple):
     tool_rss_mb: float  # python processes below claude, at that request
     tool_processes: int
     not_connected: int  # MCP servers Claude Code did not wait for
+
+
+def claude_descendants(claude_pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(claude_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_gone(processes: list, deadline_seconds: float = 60) -> None:
+    import psutil
+
+    psutil.wait_procs(processes, timeout=deadline_seconds)
 
 
 def tool_processes_rss(claude_pid: int) -> tuple[float, int]:
@@ -101,6 +117,9 @@ async def one_run(env: dict[str, str], workdir: Path, probe: list, config: Path 
     proc = await start_claude_print(env, workdir, config)
     current.claude_pid = proc.pid
     out, err = await proc.communicate(b"hello")
+    # The next run starts only once this run's tool processes are gone, so a slow exit of
+    # the heavy variants does not load the machine while a light one is timed.
+    await asyncio.to_thread(wait_gone, current.descendants)
     lines = [json.loads(line) for line in out.decode().strip().splitlines() if line.strip()]
     if not lines or lines[-1].get("result") != "pong":
         raise RuntimeError(f"claude failed: {lines[-1:] or err.decode()[-2000:]}")
@@ -137,6 +156,7 @@ async def measure(rounds: int, work: Path) -> tuple[dict[str, list[Run]], dict[s
             current.arrived = time.perf_counter()
             if current.claude_pid is not None:
                 current.tool_rss_mb, current.tool_processes = tool_processes_rss(current.claude_pid)
+                current.descendants = claude_descendants(current.claude_pid)
         return "pong"
 
     workdir = work / "elsewhere"  # outside the repository: no project hooks, no .mcp.json
@@ -169,7 +189,6 @@ async def measure(rounds: int, work: Path) -> tuple[dict[str, list[Run]], dict[s
             for _ in range(rounds):
                 for key, config in configs.items():
                     results[key].append(await one_run(env, workdir, probe, config))
-                    await asyncio.sleep(0.5)  # let the last run's servers exit
     return results, cold, len(list((data_dir / "stdio_front").glob("*.json")))
 
 

@@ -12,13 +12,23 @@ requests fail with "Task group is not initialized".
   RFC 9728 metadata is served at ``/.well-known/oauth-protected-resource[/<server>/mcp]``, as the
   MCP authorization spec asks, so clients do not go guessing at OAuth.
 The verified principal rides on the request (``trust.PRINCIPAL_SCOPE_KEY``) for the tools.
+
+``ListingCache`` then answers the listing methods a client sends at every connect
+(``server/discover``, ``tools/list``, ``prompts/list``, ``resources/list``,
+``resources/templates/list``; Claude Code sends 32 of them for the eight servers) from memory: the
+answer is fixed by the server's components, the principal and the request itself, and building it
+through FastMCP (middleware, JSON Schema dereferencing, serialization) was most of the host's work
+at a connect; a hit costs well under a millisecond. Authentication still runs on every request,
+before the cache.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -38,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HostGuard",
+    "ListingCache",
     "RemoteBindRefused",
     "build_app",
     "check_bind_host",
@@ -101,8 +112,10 @@ class HostGuard:
         revoked: Callable[[str], bool] | None = None,
         jwt_verifier: Any = None,
         authorization_servers: Iterable[str] = (),
+        listings: ListingCache | None = None,
     ):
         self.app = app
+        self.listings = listings
         self.secret = secret
         self.server_names = frozenset(server_names)
         self.revoked = revoked
@@ -166,6 +179,9 @@ class HostGuard:
             await _reply(scope, receive, send, 403, body, {"www-authenticate": challenge})
             return
         scope[trust.PRINCIPAL_SCOPE_KEY] = principal
+        if self.listings is not None and server is not None and path == f"/{server}{MCP_PATH}":
+            await self.listings.serve(self.app, server, principal, scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
     def _host_allowed(self, scope: dict, value: str, scheme: str) -> bool:
@@ -214,6 +230,223 @@ class HostGuard:
         if self.authorization_servers:
             body["authorization_servers"] = self.authorization_servers
         await _reply(scope, receive, send, 200, body)
+
+
+# -- the listing cache ---------------------------------------------------------------------------
+LISTING_METHODS = frozenset(
+    {"server/discover", "tools/list", "prompts/list", "resources/list", "resources/templates/list"}
+)
+MAX_LISTING_REQUEST_BYTES = 64 * 1024
+# What a listing answer may depend on besides the principal and the JSON-RPC params: the MCP
+# transport reads these headers (Accept, content type, protocol version and the other routing
+# "mcp-*" headers, and Host/Origin in its DNS-rebinding check), so they are part of the key and a
+# request differing in any of them is answered afresh.
+_KEYED_HEADERS = frozenset({b"accept", b"content-type", b"host", b"origin"})
+_REQUEST_KEYS = frozenset({"jsonrpc", "id", "method", "params"})
+
+
+class _Listing:
+    __slots__ = ("components", "headers", "result")
+
+    def __init__(self, components: tuple, headers: list[tuple[bytes, bytes]], result: bytes):
+        self.components = components
+        self.headers = headers
+        self.result = result
+
+
+class ListingCache:
+    """Answers of the listing methods, per server, principal, params and transport headers.
+
+    Only a single JSON-RPC request of the 2026-07-28 protocol (it names its method in the
+    ``Mcp-Method`` header) is cached, and only a plain ``200 application/json`` result: errors,
+    SSE answers and anything else pass through untouched every time. A hit replays the stored
+    result under the request's own id, byte for byte what FastMCP would have sent.
+
+    Each entry remembers the server's components it was built from (its raw listing, before any
+    middleware: identical objects while nothing changes, about 0.15 ms to get) and is used only
+    while they are the same objects, so a tool added, removed, replaced or hidden (FastMCP's
+    visibility transforms) is listed at once. A component mutated in place is not noticed
+    (FastMCP's own transforms copy components instead). The key holds the principal's kind,
+    chat and scopes, the inputs of ``PrincipalToolAccess``; a listing middleware that depended
+    on anything else would have to be keyed here too.
+
+    Per process and derived only from the request: hosts behind a load balancer stay stateless.
+    """
+
+    def __init__(self, servers: Mapping[str, Any], max_entries: int = 512):
+        self.servers = dict(servers)
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple, _Listing] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    async def serve(
+        self, app: Any, server: str, principal: Principal, scope: dict, receive: Any, send: Any
+    ) -> None:
+        headers = scope.get("headers") or []
+        method = _header(headers, b"mcp-method")
+        length = _header(headers, b"content-length")
+        if (
+            scope.get("method") != "POST"
+            or method not in LISTING_METHODS
+            or server not in self.servers
+            or not length
+            or not length.isdigit()
+            or int(length) > MAX_LISTING_REQUEST_BYTES
+        ):
+            await app(scope, receive, send)
+            return
+        received, body = await _read_body(receive)
+        replay = _replaying(received, receive)
+        request = None if body is None else _listing_request(body, method)
+        if request is None:
+            await app(scope, replay, send)
+            return
+        request_id, params = request
+        key = (
+            server,
+            principal.kind,
+            principal.chat_id,
+            principal.scopes,
+            method,
+            params,
+            tuple(sorted((k, v) for k, v in headers if k in _KEYED_HEADERS or k[:4] == b"mcp-")),
+        )
+        components = await self._components(server, method)
+        entry = self.entries.get(key)
+        if entry is not None and _same(entry.components, components):
+            self.entries.move_to_end(key)
+            self.hits += 1
+            await _send_listing(send, entry, request_id)
+            return
+        self.misses += 1
+        status: list[int] = []
+        response_headers: list[tuple[bytes, bytes]] = []
+        chunks: list[bytes] = []
+
+        async def capture(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                response_headers.extend(message.get("headers") or [])
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            await send(message)
+
+        await app(scope, replay, capture)
+        result = _cacheable_result(status, response_headers, b"".join(chunks), request_id)
+        if result is not None:
+            kept = [(k, v) for k, v in response_headers if k.lower() != b"content-length"]
+            self.entries[key] = _Listing(components, kept, result)
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+
+    async def _components(self, server: str, method: str) -> tuple:
+        """What the server's answer to ``method`` is built from, before any middleware."""
+        mcp = self.servers[server]
+        if method == "server/discover":
+            return (mcp.name, mcp.version, mcp.instructions, mcp.website_url)
+        lister = {
+            "tools/list": mcp.list_tools,
+            "prompts/list": mcp.list_prompts,
+            "resources/list": mcp.list_resources,
+            "resources/templates/list": mcp.list_resource_templates,
+        }[method]
+        return tuple(await lister(run_middleware=False))
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Any) -> tuple[list[dict], bytes | None]:
+    """The request's messages as received, and its body (None: not a plain complete body)."""
+    received: list[dict] = []
+    body = b""
+    while True:
+        message = await receive()
+        received.append(message)
+        if message["type"] != "http.request":
+            return received, None
+        body += message.get("body", b"")
+        if len(body) > MAX_LISTING_REQUEST_BYTES:
+            return received, None
+        if not message.get("more_body", False):
+            return received, body
+
+
+def _replaying(received: list[dict], receive: Any) -> Any:
+    """``receive`` that first gives back the messages already read."""
+    pending = list(received)
+
+    async def replay() -> dict:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+def _listing_request(body: bytes, method: str) -> tuple[str | int, str] | None:
+    """(id, canonical params) of a single JSON-RPC listing request, else None."""
+    try:
+        decoded = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(decoded, dict) or not set(decoded) <= _REQUEST_KEYS:
+        return None
+    request_id, params = decoded.get("id"), decoded.get("params", {})
+    if (
+        decoded.get("jsonrpc") != "2.0"
+        or decoded.get("method") != method
+        or type(request_id) not in (str, int)
+        or not isinstance(params, dict)
+    ):
+        return None
+    return request_id, json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def _same(cached: tuple, current: tuple) -> bool:
+    return len(cached) == len(current) and all(
+        a is b or a == b for a, b in zip(cached, current, strict=True)
+    )
+
+
+def _cacheable_result(
+    status: list[int], headers: list[tuple[bytes, bytes]], body: bytes, request_id: str | int
+) -> bytes | None:
+    """The serialized ``result`` of a plain successful JSON answer to ``request_id``, else None."""
+    if status != [200] or _header(headers, b"content-type") != "application/json":
+        return None
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if (
+        not isinstance(answer, dict)
+        or set(answer) != {"jsonrpc", "id", "result"}
+        or answer["id"] != request_id
+        or not isinstance(answer["result"], dict)
+    ):
+        return None
+    # Serialized as the MCP transport does (json.dumps, compact), so a hit is byte-identical.
+    return json.dumps(answer["result"], separators=(",", ":")).encode()
+
+
+async def _send_listing(send: Any, entry: _Listing, request_id: str | int) -> None:
+    body = b'{"jsonrpc":"2.0","id":%s,"result":%s}' % (
+        json.dumps(request_id).encode(),
+        entry.result,
+    )
+    headers = [*entry.headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def principal_from_jwt(claims: dict, scopes: Iterable[str], client_id: str | None) -> Principal:
@@ -315,6 +548,7 @@ def build_app(
         revoked=revoked,
         jwt_verifier=verifier,
         authorization_servers=[settings.jwt_issuer] if verifier and settings.jwt_issuer else [],
+        listings=ListingCache(servers),
     )
 
 
@@ -343,6 +577,7 @@ async def hosted(
         host=host,
         port=port,
         log_level="warning",
+        log_config=None,  # Valor's logging (servers.core.logs) keeps uvicorn's lines, redacted
         lifespan="on",
         date_header=False,
     )
