@@ -9,12 +9,19 @@ round-robin in one run so the three see the same machine:
   (b) a bridge round trip (message in → reply in the in-memory transport) with every Valor
       server available through the hosted HTTP config; runs sandboxed (bubblewrap, the default);
   (b0) the same round trip with VALOR_SANDBOX=off: (b) - (b0) is the sandbox's cost per run;
-  (c) the same round trip with the stdio `.mcp.json` (every server started per message).
-Target: median (b) / median (a) <= 1.15; the sandbox adds <= 30 ms per run.
+  (c) the same round trip with the stdio `.mcp.json` (every server started per message);
+  (w) the bridge round trip in a warm chat: warm sessions on (a resident Claude Code per chat,
+      servers/core/claude_resident.py), the chat's process already running.
+  (b), (b0), (c) run with warm sessions off. Also printed: the time from the message entering
+  the bridge to the fake API receiving the model request, cold (b) and warm (w).
+Target: median (b) / median (a) <= 1.15; the sandbox adds <= 30 ms per run; (w)/(a) <= 0.5
+and a warm chat's message reaches the model API in <= 50 ms.
 
-Part 2 — load, with a FAKE fast Claude (tests/fake_claude.py, a script printing stream-json; not
-Claude Code): N chats × M messages through one bridge with the tools hosted. Checks that none is
-lost, each is answered once, per-chat order is kept; prints throughput and the bridge's RSS.
+Part 2 — load, with a FAKE fast Claude (tests/fake_claude_stream.py, a script printing
+stream-json; not Claude Code): N chats × M messages through one bridge with the tools hosted,
+once with warm sessions off and once on (VALOR_WARM_MAX_PROCESSES resident fakes at most). Checks
+that none is lost, each is answered once, per-chat order is kept; prints throughput, the peak
+number of Claude Code processes, the bridge's RSS and the Claude processes' peak total RSS.
 
     .venv/bin/python bench/bridge.py                   # 9 rounds, 50 chats x 10 messages
     .venv/bin/python bench/bridge.py --rounds 3 --chats 10 --messages 5
@@ -61,26 +68,67 @@ def rss_mb() -> tuple[float, float]:
 
 
 # -- part 2: load ---------------------------------------------------------------------------------
-async def load(chats: int, messages: int, work: Path) -> None:
+class ProcessSampler:
+    """The bench's child processes (each run's root: bwrap, or the fake when unsandboxed) and
+    their trees' resident memory, sampled while the load runs."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak_processes = 0
+        self.peak_rss_mb = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        import psutil
+
+        from servers.core.claude_resident import tree_rss_mb
+
+        me = psutil.Process()
+        while True:
+            children = [c for c in me.children() if c.status() != psutil.STATUS_ZOMBIE]
+            self.peak_processes = max(self.peak_processes, len(children))
+            if children:
+                rss = sum(tree_rss_mb(child.pid) for child in children)
+                self.peak_rss_mb = max(self.peak_rss_mb, rss)
+            await asyncio.sleep(self.interval)
+
+    def __enter__(self) -> ProcessSampler:
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def load(chats: int, messages: int, work: Path, warm: bool, warm_limit: int = 4) -> None:
     from bridge.memory import MemoryTransport, incoming
     from bridge.pipeline import Bridge
 
     fake = work / "fake-claude"
     fake.write_text(
-        f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "fake_claude.py"}" "$@"\n'
+        f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "fake_claude_stream.py"}" "$@"\n'
     )
     fake.chmod(0o755)
-    isolated_env(work / "load-data", VALOR_CLAUDE_BIN=str(fake), VALOR_CLAUDE_WORKDIR=str(work))
+    mode = "on" if warm else "off"
+    isolated_env(
+        work / f"load-data-{mode}-{warm_limit}",
+        VALOR_CLAUDE_BIN=str(fake),
+        VALOR_CLAUDE_WORKDIR=str(work),
+        VALOR_WARM_SESSIONS=mode,
+        VALOR_WARM_MAX_PROCESSES=str(warm_limit),
+    )
     transport = MemoryTransport()
     bridge = Bridge(transport, authorize_all=True)
     total = chats * messages
     async with bridge.serving():
         before, _ = rss_mb()
         started = time.perf_counter()
-        for n in range(1, messages + 1):  # interleaved across chats, as real traffic arrives
-            for chat in range(1, chats + 1):
-                await bridge.receive(incoming(chat, n, f"chat {chat} message {n}"))
-        await bridge.drain()
+        with ProcessSampler() as sampler:
+            for n in range(1, messages + 1):  # interleaved across chats, as real traffic arrives
+                for chat in range(1, chats + 1):
+                    await bridge.receive(incoming(chat, n, f"chat {chat} message {n}"))
+            await bridge.drain()
         elapsed = time.perf_counter() - started
         after, peak = rss_mb()
     lost, duplicated, out_of_order = 0, 0, 0
@@ -93,14 +141,28 @@ async def load(chats: int, messages: int, work: Path) -> None:
         duplicated += len(answers) - len(set(answers))
         out_of_order += answers != expected and set(answers) == set(expected)
     statuses = bridge.store.query("SELECT status, COUNT(*) FROM bridge_inbox GROUP BY status")
-    print(f"load (FAKE fast Claude): {chats} chats x {messages} messages = {total}")
+    warm_limit = bridge.warm.limits.max_processes
+    print(
+        f"load (FAKE fast Claude), warm sessions {mode}"
+        + (f" (limit {warm_limit})" if warm else "")
+        + f": {chats} chats x {messages} messages = {total}"
+    )
     print(
         f"  answered in {elapsed:.1f} s ({total / elapsed:.1f} messages/s, "
         f"{bridge.settings.max_concurrent_runs} concurrent runs)"
     )
     print(f"  lost {lost}, answered twice {duplicated}, chats out of order {out_of_order}")
     print(f"  inbox: {dict((row[0], row[1]) for row in statuses)}")
+    processes = f"  peak Claude processes: {sampler.peak_processes}"
+    if warm:
+        within = "within" if bridge.warm.peak <= warm_limit else "OVER"
+        processes += (
+            f" (warm pool peak {bridge.warm.peak}, {within} the limit {warm_limit}; "
+            f"{bridge.warm.started_total} started, closed: {bridge.warm.closed_reasons})"
+        )
+    print(processes)
     print(f"  bridge RSS: {before:.0f} MB before, {after:.0f} MB after, peak {peak:.0f} MB")
+    print(f"  Claude processes' RSS (their trees, summed): peak {sampler.peak_rss_mb:.0f} MB")
 
 
 # -- part 1: latency ------------------------------------------------------------------------------
@@ -117,15 +179,27 @@ async def bare_claude(env: dict[str, str], workdir: Path, mcp_config: Path | Non
     return elapsed
 
 
-async def round_trip(bridge, transport, chat: int, message_id: int) -> float:
+async def round_trip(
+    bridge,
+    transport,
+    chat: int,
+    message_id: int,
+    arrivals: list[float] | None = None,
+    to_model: list[float] | None = None,
+) -> float:
+    """Seconds from the message entering the bridge to its reply; with ``arrivals`` (times the
+    fake API received model requests) also the time to the model request, into ``to_model``."""
     from bridge.memory import incoming
 
+    seen = len(arrivals) if arrivals is not None else 0
     started = time.perf_counter()
     await bridge.receive(incoming(chat, message_id, "hello"))
     await bridge.drain()
     elapsed = time.perf_counter() - started
     (reply,) = transport.replies_to(chat, message_id)
     assert reply.text == "pong", reply.text  # a failed tool server would add a note
+    if arrivals is not None and to_model is not None:
+        to_model.append(arrivals[seen] - started)
     return elapsed
 
 
@@ -205,6 +279,7 @@ async def sandbox_only(rounds: int, work: Path) -> None:
             VALOR_CLAUDE_BIN=str(CLAUDE),
             VALOR_CLAUDE_MAX_RETRIES="0",
             VALOR_CLAUDE_WORKDIR=str(REPO),
+            VALOR_WARM_SESSIONS="off",  # (b) and (b0) are cold runs
         )
         on_transport, off_transport = MemoryTransport(), MemoryTransport()
         times: dict[str, list[float]] = {"b": [], "b0": []}
@@ -228,24 +303,36 @@ async def sandbox_only(rounds: int, work: Path) -> None:
 async def latency(rounds: int, work: Path) -> None:
     from bridge.memory import MemoryTransport
     from bridge.pipeline import Bridge
-    from tests.fakes import FakeAnthropic, reply_with
+    from tests.fakes import FakeAnthropic, Text
 
     with FakeAnthropic() as fake:
-        fake.responder = reply_with("pong")
+        arrivals: list[float] = []  # when the fake received each main model request
+
+        def answer(request: dict) -> list:
+            arrivals.append(time.perf_counter())
+            return [Text("pong")]
+
+        fake.responder = answer
         home = work / "home"
         home.mkdir()
         env = claude_env(fake.url, home)
         # The repo is the workdir (its hooks run in all three); .mcp.json's commands are relative.
+        # (b), (b0) and (c) are cold: one `claude -p` per message.
         isolated_env(
             work / "latency-data",
             VALOR_CLAUDE_BIN=str(CLAUDE),
             VALOR_CLAUDE_MAX_RETRIES="0",
             VALOR_CLAUDE_WORKDIR=str(REPO),
+            VALOR_WARM_SESSIONS="off",
         )
         env["VALOR_DATA_DIR"] = os.environ["VALOR_DATA_DIR"]
         hosted_transport, stdio_transport = MemoryTransport(), MemoryTransport()
         hosted_bridge = Bridge(hosted_transport, claude_env=env, authorize_all=True)
-        times: dict[str, list[float]] = {"a": [], "a1": [], "a2": [], "b": [], "b0": [], "c": []}
+        times: dict[str, list[float]] = {
+            "a": [], "a1": [], "a2": [], "b": [], "b0": [], "c": [], "w": []
+        }  # fmt: skip
+        to_model: dict[str, list[float]] = {"b": [], "w": []}
+        warm_transport = MemoryTransport()
         unsandboxed_transport = MemoryTransport()
         async with hosted_bridge.serving():
             from servers.core.settings import get_settings
@@ -274,13 +361,24 @@ async def latency(rounds: int, work: Path) -> None:
                 runtime_mcp_config(one_server, work / "run") as one_server_config,
             ):
                 off_bridge = unsandboxed_bridge(unsandboxed_transport, env, work, tools)
-                async with stdio_bridge.serving(), off_bridge.serving():
+                warm_bridge = warm_sessions_bridge(warm_transport, env, work, tools)
+                async with stdio_bridge.serving(), off_bridge.serving(), warm_bridge.serving():
                     await bare_claude(env, REPO)  # warm the file cache once, not measured
+                    await round_trip(warm_bridge, warm_transport, 5, 0)  # starts chat 5's process
                     for n in range(1, rounds + 1):
                         times["a"].append(await bare_claude(env, REPO))
                         times["a1"].append(await bare_claude(env, REPO, one_server_config))
                         times["a2"].append(await bare_claude(env, REPO, hosted_config))
-                        times["b"].append(await round_trip(hosted_bridge, hosted_transport, 1, n))
+                        times["b"].append(
+                            await round_trip(
+                                hosted_bridge, hosted_transport, 1, n, arrivals, to_model["b"]
+                            )
+                        )
+                        times["w"].append(
+                            await round_trip(
+                                warm_bridge, warm_transport, 5, n, arrivals, to_model["w"]
+                            )
+                        )
                         times["b0"].append(
                             await round_trip(off_bridge, unsandboxed_transport, 1, n)
                         )
@@ -296,6 +394,7 @@ async def latency(rounds: int, work: Path) -> None:
         "b": "(b) bridge round trip, tools hosted over HTTP",
         "b0": "(b0) the same round trip, sandbox off",
         "c": "(c) bridge round trip, stdio .mcp.json",
+        "w": "(w) bridge round trip, warm chat",
     }
     for key, label in labels.items():
         spread = ", ".join(f"{t:.2f}" for t in times[key])
@@ -315,7 +414,36 @@ async def latency(rounds: int, work: Path) -> None:
         "  split: Claude Code connecting to the hosted servers (a2)/(a) = "
         f"{med['a2'] / med['a']:.3f}; the bridge's own work (b)/(a2) = {med['b'] / med['a2']:.3f}"
     )
+    warm = med["w"] / med["a"]
+    print(
+        f"  (w)/(a) = {warm:.3f}  ({'meets' if warm <= 0.5 else 'MISSES'} the <= 0.5 target); "
+        f"(w)/(b) = {med['w'] / med['b']:.3f}"
+    )
+    cold_ms, warm_ms = (statistics.median(to_model[key]) * 1000 for key in ("b", "w"))
+    print(
+        f"  message in -> model request: cold (b) median {cold_ms:.0f} ms, warm (w) median "
+        f"{warm_ms:.0f} ms  ({'meets' if warm_ms <= 50 else 'MISSES'} the warm <= 50 ms target)"
+    )
     sandbox_cost(times)
+
+
+def warm_sessions_bridge(transport, env: dict[str, str], work: Path, tools):
+    """A bridge like the hosted one with warm sessions on (its own data dir), sharing the
+    hosted tools."""
+    from bridge.pipeline import Bridge
+    from servers.core.settings import get_settings
+
+    settings = get_settings().model_copy(
+        update={"data_dir": work / "warm-data", "warm_sessions": "on"}
+    )
+    return Bridge(
+        transport,
+        settings=settings,
+        claude_env=env,
+        authorize_all=True,
+        tools_base_url=tools.base_url,
+        tools_secret=tools.secret,
+    )
 
 
 def main() -> None:
@@ -336,7 +464,11 @@ def main() -> None:
         if args.sandbox_only:
             asyncio.run(sandbox_only(args.rounds, work))
             return
-        asyncio.run(load(args.chats, args.messages, work))
+        asyncio.run(load(args.chats, args.messages, work, warm=False))
+        # At the default limit (4) 50 interleaved chats evict on every message (the LRU's worst
+        # case); with a limit of one per chat, each chat's process is started once.
+        asyncio.run(load(args.chats, args.messages, work, warm=True))
+        asyncio.run(load(args.chats, args.messages, work, warm=True, warm_limit=args.chats))
         if not args.skip_latency:
             if not CLAUDE.exists():
                 sys.exit("Claude Code is not installed: run `bash .ci/setup` first.")

@@ -9,12 +9,16 @@
 - One FIFO per chat keeps order; a semaphore (``VALOR_MAX_CONCURRENT_RUNS``) bounds runs overall.
 - Tools are hosted once over HTTP on loopback; each run gets a config with a token for its chat.
 - Commands: ``/stop`` ends the running reply, ``/new`` starts a fresh session, ``/status``.
+- Warm sessions (``VALOR_WARM_*``): a chat's Claude Code stays resident between its messages
+  (``servers.core.claude_resident``); a message that arrives mid-turn waits in the chat's queue,
+  a process that dies mid-turn has the message re-run once in a fresh one (``--resume``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -39,6 +43,7 @@ from servers.core.claude_events import (
     ToolResultEvent,
     ToolUseEvent,
 )
+from servers.core.claude_resident import ResidentClaude, WarmLimits, WarmPool
 from servers.core.claude_runner import ClaudeRunner, RunOutcome
 from servers.core.errors import (
     Category,
@@ -61,6 +66,9 @@ COMMANDS = ("/stop", "/new", "/status")
 PERSONA_PATH = Path(__file__).with_name("persona.md")
 OUTBOX_POLL_SECONDS = 1.0
 MAX_ATTEMPTS = 3  # runs of one message cut short by a bridge stop or crash before giving up
+FRESH_SESSION_NOTICE = (
+    "The previous conversation session could not be resumed, so this reply started a fresh session."
+)
 HIDDEN_TOOLS = {"ToolSearch"}  # Claude Code's own lookups are not progress a person cares about
 
 
@@ -137,6 +145,11 @@ class Bridge:
         self._queues: dict[int, deque[int]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._running: dict[int, RunningReply] = {}
+        self.warm = WarmPool(
+            WarmLimits.from_settings(self.settings), self.settings.claude_timeout_seconds
+        )
+        # chat → (session, its running total_cost_usd): a turn's cost is the difference
+        self._session_costs: dict[int, tuple[str, float]] = {}
         # Tools already hosted by this process (the daemon) are reused with their secret: the
         # scope secret is process-wide, so a second host here would replace the daemon's.
         if tools_base_url is not None and tools_secret is None:
@@ -176,6 +189,7 @@ class Bridge:
             async with self._hosted_tools():
                 await self.recover()
                 self._outbox_task = asyncio.create_task(self._outbox_loop())
+                self.warm.start_sweeping()
                 try:
                     yield self
                 finally:
@@ -243,6 +257,7 @@ class Bridge:
         for task in workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.warm.close_all()  # after the workers: no turn is running any more
 
     async def drain(self) -> None:
         """Wait until every accepted message has been answered."""
@@ -326,6 +341,7 @@ class Bridge:
                 reply = "Stopping the current reply."
         elif command == "/new":
             inbox.forget_session(self.store, chat)
+            await self.warm.close_chat(chat, "new session")
             reply = "Fresh start: the next message begins a new session."
         else:
             reply = self.status_text(chat)
@@ -345,6 +361,12 @@ class Bridge:
             f"Runs across all chats: {len(self._running)} of {self.settings.max_concurrent_runs}.",
             "Last cost: " + (f"${last:.4f} (total ${total:.4f})." if last is not None else "none."),
         ]
+        resident = self.warm.process_of(chat_id)
+        if resident is not None and resident.alive:
+            lines.append(
+                f"Warm process: {resident.turns} turns, {resident.age / 60:.0f} min old "
+                f"({len(self.warm)} of {self.warm.limits.max_processes} warm)."
+            )
         return "\n".join(lines)
 
     # -- the per-chat queues -----------------------------------------------------------------
@@ -438,15 +460,6 @@ class Bridge:
         # The hook adds the block to the prompt; building it here, in this long-lived process
         # with the tokenizer loaded, spares each prompt's hook process from loading it.
         block = self._context_block(row)
-        run_files = contextlib.ExitStack()
-        extra_env: dict[str, str] = {}
-        if block and not self._prepend_context:
-            block_path = run_files.enter_context(
-                private_run_file(
-                    block, self.settings.data_dir / "run", prefix="ctx-", suffix=".txt"
-                )
-            )
-            extra_env["VALOR_CONTEXT_BLOCK_FILE"] = str(block_path)
         request = ClaudeRun(
             prompt=build_prompt(row, block if self._prepend_context else None),
             session_id=inbox.session_for(self.store, row.chat_id),
@@ -462,11 +475,160 @@ class Bridge:
             ],
             append_system_prompt=self.persona or None,
             env=self.claude_env,
-            extra_env=extra_env,
             process_kind=PROCESS_KIND,
         )
-        with run_files:
+        if self.warm.enabled:
+            return await self._run_warm(request, row, block, on_event, cancel, texts.clear)
+        return await self._run_cold(request, row, block, on_event, cancel)
+
+    async def _run_cold(
+        self,
+        request: ClaudeRun,
+        row: inbox.InboxRow,
+        block: str | None,
+        on_event: Any,
+        cancel: asyncio.Event,
+    ) -> RunOutcome:
+        """One ``claude -p`` process for this message."""
+        with contextlib.ExitStack() as run_files:
+            if block and not self._prepend_context:
+                block_path = run_files.enter_context(
+                    private_run_file(
+                        block, self.settings.data_dir / "run", prefix="ctx-", suffix=".txt"
+                    )
+                )
+                request.extra_env = {"VALOR_CONTEXT_BLOCK_FILE": str(block_path)}
             return await self._run_with_tools(request, row, on_event, cancel)
+
+    # -- warm sessions -----------------------------------------------------------------------
+    async def _run_warm(
+        self,
+        request: ClaudeRun,
+        row: inbox.InboxRow,
+        block: str | None,
+        on_event: Any,
+        cancel: asyncio.Event,
+        restart_stream: Callable[[], None],
+    ) -> RunOutcome:
+        """The message as a turn of the chat's resident Claude Code (started when it has none;
+        when every warm slot is busy, the message runs cold). If that process dies mid-turn,
+        the message runs once more in a fresh one resuming the session; a second failure is
+        the answer."""
+        chat = row.chat_id
+        outcome = await self._warm_or_cold(request, row, block, on_event, cancel)
+        if isinstance(outcome, tuple):
+            resident, outcome = outcome
+            if resident.died:
+                self.warm.discard(chat, "died")
+                log.warning(
+                    "the warm Claude Code of chat %s ended mid-turn (%s); running the message "
+                    "again in a fresh process",
+                    chat,
+                    (outcome.error.detail if outcome.error else "no result")[:200],
+                )
+                restart_stream()
+                retry = dataclasses.replace(
+                    request, session_id=resident.session_id or request.session_id
+                )
+                outcome = await self._warm_or_cold(retry, row, block, on_event, cancel)
+                if isinstance(outcome, tuple):
+                    resident, outcome = outcome
+                    if resident.died:
+                        self.warm.discard(chat, "died")
+        return outcome
+
+    async def _warm_or_cold(
+        self,
+        request: ClaudeRun,
+        row: inbox.InboxRow,
+        block: str | None,
+        on_event: Any,
+        cancel: asyncio.Event,
+    ) -> tuple[ResidentClaude, RunOutcome] | RunOutcome:
+        """A turn in the chat's resident process (with it), or a cold run when no slot is free;
+        a session that cannot be resumed is replaced by a fresh one, as the runner does."""
+        resident = await self._resident_for(request)
+        if resident is None:
+            log.info("every warm process is busy; chat %s runs cold", row.chat_id)
+            return await self._run_cold(request, row, block, on_event, cancel)
+        outcome = await self._warm_turn(resident, request.prompt, block, on_event, cancel)
+        if resident.resume_failed(outcome):
+            log.warning("session %s could not be resumed; starting a fresh one", request.session_id)
+            self.warm.discard(row.chat_id, "resume failed")
+            fresh = dataclasses.replace(request, session_id=None)
+            resident = await self._resident_for(fresh)
+            if resident is None:
+                outcome = await self._run_cold(fresh, row, block, on_event, cancel)
+                outcome.fresh_session_notice = FRESH_SESSION_NOTICE
+                return outcome
+            outcome = await self._warm_turn(resident, request.prompt, block, on_event, cancel)
+            outcome.fresh_session_notice = FRESH_SESSION_NOTICE
+        self.warm.after_turn(resident)
+        return resident, outcome
+
+    async def _resident_for(self, request: ClaudeRun) -> ResidentClaude | None:
+        """The chat's live resident process, or a new one when a slot is free (else None)."""
+        resident = self.warm.get(request.chat_id)  # type: ignore[arg-type]
+        if resident is not None:
+            return resident
+        if not await self.warm.make_room():
+            return None
+        return await self._start_resident(request)
+
+    async def _warm_turn(
+        self,
+        resident: ResidentClaude,
+        prompt: str,
+        block: str | None,
+        on_event: Any,
+        cancel: asyncio.Event,
+    ) -> RunOutcome:
+        if resident.context_file is not None:
+            resident.write_context(block or "")
+        return await resident.turn(prompt, on_event, cancel)
+
+    async def _start_resident(self, request: ClaudeRun) -> ResidentClaude:
+        """A resident Claude Code for the request's chat, with everything a one-shot run gets:
+        the hosted tools (a token bound to the chat, outliving the process's maximum age) or
+        the stdio config, and a context block file of its own, rewritten before each turn."""
+        chat = request.chat_id
+        run = dataclasses.replace(request, prompt="", extra_env=dict(request.extra_env))
+        resources = contextlib.ExitStack()
+        try:
+            context_file = None
+            if not self._prepend_context:
+                context_file = resources.enter_context(
+                    private_run_file(
+                        "", self.settings.data_dir / "run", prefix="ctx-", suffix=".txt"
+                    )
+                )
+                run.extra_env["VALOR_CONTEXT_BLOCK_FILE"] = str(context_file)
+            if self.tools is not None:
+                resources.enter_context(
+                    self.tools.for_run(
+                        run,
+                        chat,
+                        ttl_seconds=self.warm.token_ttl_seconds,
+                        run_dir=self.settings.data_dir / "run",
+                    )
+                )
+            elif self.stdio_mcp_config is not None:
+                use_servers(run, self.stdio_mcp_config, _server_names(self.stdio_mcp_config))
+            resident = ResidentClaude(
+                run,
+                store=self.store,
+                settings=self.settings,
+                claude_bin=self.runner.claude_bin,
+                resources=resources,
+                context_file=context_file,
+            )
+            await resident.start()
+        except BaseException:
+            resources.close()
+            self.warm.release_room()
+            raise
+        self.warm.add(resident)
+        return resident
 
     async def _run_with_tools(
         self, request: ClaudeRun, row: inbox.InboxRow, on_event: Any, cancel: asyncio.Event
@@ -511,8 +673,8 @@ class Bridge:
             return plain_block(*args)
 
     async def _deliver(self, row: inbox.InboxRow, sink: ReplySink, outcome: RunOutcome) -> None:
+        cost = self._turn_cost(row.chat_id, outcome)
         if outcome.session_id and outcome.status in ("ok", "error"):
-            cost = outcome.result.total_cost_usd if outcome.result else 0.0
             duration = outcome.result.duration_ms if outcome.result else 0.0
             inbox.save_session(self.store, row.chat_id, outcome.session_id, cost, duration)
         if not outcome.ok:
@@ -552,6 +714,19 @@ class Bridge:
             history.Message(row.chat_id, reply_id, text, "Valor", None, "out", time.time()),
         )
         inbox.mark_finished(self.store, row.id, "done")
+
+    def _turn_cost(self, chat_id: int, outcome: RunOutcome) -> float:
+        """This turn's cost: Claude Code reports the session's running total (it continues
+        across ``--resume``), so the difference from the chat's previous total in the same
+        session; a session first seen here counts its whole total."""
+        if outcome.result is None or not outcome.session_id:
+            return 0.0
+        total = outcome.result.total_cost_usd
+        previous = self._session_costs.get(chat_id)
+        self._session_costs[chat_id] = (outcome.session_id, total)
+        if previous is not None and previous[0] == outcome.session_id and total >= previous[1]:
+            return total - previous[1]
+        return total
 
     async def _fail(self, row: inbox.InboxRow, sink: ReplySink, message: str, status: str) -> None:
         try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import logging
 import sys
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -15,17 +16,44 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: typer's rich panels show a flag as `--all <bool>`, as if it took a value.
+    rich_markup_mode=None,
 )
 
+HELP_FLAGS = frozenset({"--help", "-h"})
 
-def _configure_logging() -> None:
-    from servers.core.settings import get_settings
 
-    logging.basicConfig(
-        level=get_settings().log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _print_version(value: bool) -> None:
+    if value:
+        from servers.core.version import valor_version
+
+        typer.echo(f"valor {valor_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _every_command(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print Valor's version."
+        ),
+    ] = False,
+) -> None:
+    """Valor: Claude Code as a conversational development partner, over MCP."""
+    # Bad settings stop every command before it starts: one line per problem, exit code 2.
+    # Help still works (it reads no setting).
+    if not HELP_FLAGS & set(sys.argv[1:]):
+        from servers.core.settings import exit_on_bad_settings
+
+        exit_on_bad_settings()
+
+
+def _configure_logging(kind: str) -> None:
+    """This process logs to LOG_DIR/<kind>.log, and quietly to the console (warnings)."""
+    from servers.core.logs import setup_logging
+
+    setup_logging(kind)
 
 
 @app.command()
@@ -73,7 +101,7 @@ def serve(
         bundle().run(transport="stdio", show_banner=False)
         return
     if all_servers:
-        _configure_logging()
+        _configure_logging("host")
         _serve_http(bind_host, bind_port, None, allow_remote or settings.http_allow_remote)
         return
     if name is None:
@@ -85,7 +113,7 @@ def serve(
     if transport == "stdio":
         server.run(transport="stdio", show_banner=False)
     else:
-        _configure_logging()
+        _configure_logging("host")
         _serve_http(bind_host, bind_port, [name], allow_remote or settings.http_allow_remote)
 
 
@@ -104,14 +132,42 @@ def _serve_http(host: str, port: int, names: list[str] | None, allow_remote: boo
     except ValorError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    base = f"http://{host}:{port}"
+    try:  # bound here and handed to uvicorn: a busy port is one line, before any URL
+        listener = listening_socket(host, port)
+    except OSError as exc:
+        typer.echo(
+            f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Another process (another "
+            "Valor host?) may hold the port; choose one with --port or VALOR_HTTP_PORT.",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    port = listener.getsockname()[1]
+    base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     for name in names or SERVERS:
         typer.echo(f"{name}: {endpoint(base, name)}", err=True)
     typer.echo(
         "Every request needs a bearer token: `valor token create --operator` (or --chat N).",
         err=True,
     )
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    config = uvicorn.Config(application, log_level="warning", log_config=None)  # Valor logs
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def listening_socket(host: str, port: int) -> Any:
+    """A TCP socket bound to ``host:port`` (port 0: a free one); OSError when it cannot be."""
+    import socket
+
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError:
+        listener.close()
+        raise
+    listener.set_inheritable(True)
+    return listener
 
 
 @app.command("mcp-config")
@@ -189,14 +245,64 @@ async def _list_tools() -> dict[str, list[Any]]:
 
 
 @app.command()
-def tools() -> None:
-    """List every server and its tools."""
+def tools(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="One tool (or server.tool): its description and input schema"),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON: server, name, description, input schema")
+    ] = False,
+) -> None:
+    """List every server and its tools, or show one tool with its input schema."""
     listing = asyncio.run(_list_tools())
-    for server_name, server_tools in listing.items():
-        typer.echo(server_name)
-        for tool in sorted(server_tools, key=lambda t: t.name):
-            summary = (tool.description or "").strip().splitlines()[0:1]
-            typer.echo(f"  {tool.name:34} {summary[0] if summary else ''}")
+    rows = [
+        tool_row(server_name, tool)
+        for server_name, server_tools in listing.items()
+        for tool in sorted(server_tools, key=lambda t: t.name)
+    ]
+    if name is not None:
+        server_name, tool_name = split_tool_name(name)
+        rows = [r for r in rows if r["name"] == tool_name and server_name in (None, r["server"])]
+        if not rows:
+            typer.echo(f"No tool named {name!r}; `valor tools` lists them.", err=True)
+            raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(rows if name is None else rows[0], indent=2, ensure_ascii=False))
+        return
+    if name is not None:
+        row = rows[0]
+        typer.echo(f"{row['server']}.{row['name']}\n")
+        typer.echo(_wrapped(row["description"], indent=""))
+        typer.echo("\nInput schema:")
+        typer.echo(json.dumps(row["input_schema"], indent=2, ensure_ascii=False))
+        return
+    current = None
+    for row in rows:
+        if row["server"] != current:
+            current = row["server"]
+            typer.echo(("\n" if current != rows[0]["server"] else "") + current)
+        typer.echo(f"  {row['name']}")
+        typer.echo(_wrapped(row["description"], indent="      "))
+
+
+def tool_row(server_name: str, tool: Any) -> dict[str, Any]:
+    return {
+        "server": server_name,
+        "name": tool.name,
+        "description": " ".join((tool.description or "").split()),
+        "input_schema": tool.parameters,
+    }
+
+
+def _wrapped(text: str, indent: str) -> str:
+    import shutil
+    import textwrap
+
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 100))
+    return textwrap.fill(
+        text or "(no description)", width=width, initial_indent=indent, subsequent_indent=indent
+    )
 
 
 def split_tool_name(qualified: str) -> tuple[str | None, str]:
@@ -210,8 +316,9 @@ def split_tool_name(qualified: str) -> tuple[str | None, str]:
     return None, qualified
 
 
-async def call_tool(qualified: str, arguments: dict[str, Any]) -> Any:
-    """Call one tool through a real (in-memory) MCP client; returns the CallToolResult."""
+async def call_tool(qualified: str, arguments: dict[str, Any], progress_handler: Any = None) -> Any:
+    """Call one tool through a real (in-memory) MCP client; returns the CallToolResult.
+    ``progress_handler(progress, total, message)`` hears the tool's progress notifications."""
     from fastmcp import Client
 
     from servers import load_all
@@ -226,8 +333,45 @@ async def call_tool(qualified: str, arguments: dict[str, Any]) -> Any:
     if not owners:
         raise LookupError(f"No tool named {qualified!r}; `valor tools` lists them.")
     server = load_all()[owners[0]]
-    async with Client(server) as client:
+    async with Client(server, progress_handler=progress_handler) as client:
         return await client.call_tool(tool_name, arguments, raise_on_error=False)
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Any]:
+    """A rich progress bar on stderr, shown from the tool's first progress notification on;
+    yields the client's progress handler."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    task: list[Any] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        text = message or "working"
+        text = text if len(text) <= 40 else text[:39] + "…"  # room for the bar on 80 columns
+        if not task:
+            bar.start()
+            task.append(bar.add_task(text, total=total))
+        bar.update(task[0], completed=progress, total=total, description=text)
+
+    try:
+        yield on_progress
+    finally:
+        if task:
+            bar.stop()
 
 
 @app.command()
@@ -242,8 +386,12 @@ def call(
         raise typer.BadParameter(f"--args is not valid JSON: {exc}") from None
     if not isinstance(arguments, dict):
         raise typer.BadParameter("--args must be a JSON object")
+    from servers.core.logs import setup_logging
+
+    setup_logging("cli", console=False)  # FastMCP's "Error calling tool" lands in LOG_DIR/cli.log
     try:
-        result = asyncio.run(call_tool(tool, arguments))
+        with progress_bar() as on_progress:
+            result = asyncio.run(call_tool(tool, arguments, on_progress))
     except LookupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -258,23 +406,39 @@ def call(
             typer.echo(getattr(block, "text", repr(block)))
 
 
-def print_capabilities() -> bool:
-    """Print the doctor report; True when everything is configured."""
-    from servers.core.doctor import capability_report
+def print_capabilities(report: list[Any] | None = None) -> bool:
+    """Print a capability report (default: the quick one); True when nothing is broken."""
+    from servers.core.doctor import BROKEN, capability_report
     from servers.core.settings import get_settings
 
-    report = capability_report(get_settings())
+    if report is None:
+        report = capability_report(get_settings())
     width = max(len(item.capability) for item in report)
     for item in report:
-        mark = "ok     " if item.ready else "missing"
-        typer.echo(f"{mark}  {item.capability:{width}}  {item.detail}")
-    return all(item.ready for item in report)
+        typer.echo(f"{item.state:7} {item.capability:{width}}  {item.detail}")
+    return not any(item.state == BROKEN for item in report)
 
 
 @app.command()
-def doctor() -> None:
-    """Say, per capability, what is configured and what is missing."""
-    print_capabilities()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON for scripts")] = False,
+) -> None:
+    """Check every capability for real: ok, off (not configured) or broken.
+
+    Exits 1 when a configured capability is broken, 0 otherwise."""
+    from servers.core.doctor import BROKEN, diagnose, report_json
+    from servers.core.env_file import env_file_path
+    from servers.core.settings import get_settings
+
+    report = diagnose(get_settings())
+    if as_json:
+        typer.echo(report_json(report))
+    else:
+        env_file = env_file_path()
+        typer.echo(f"settings: the environment and {env_file}", nl=False)
+        typer.echo("" if env_file.is_file() else " (absent)")
+        print_capabilities(report)
+    raise typer.Exit(1 if any(item.state == BROKEN for item in report) else 0)
 
 
 @app.command()
@@ -283,17 +447,30 @@ def daemon(
         str | None,
         typer.Option("--once", help="Run one job (health, cleanup or daydream) and exit"),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="--once daydream: run even when the machine is busy"),
+    ] = False,
+    verbose: Annotated[
+        int,
+        typer.Option("--verbose", "-v", count=True, help="Console: -v info, -vv debug"),
+    ] = 0,
 ) -> None:
-    """The main job: host every tool, run maintenance as tool calls, run the promise workers."""
+    """The main job: host every tool, run maintenance as tool calls, run the promise workers.
+
+    Logs go to LOG_DIR/daemon.log; the console shows warnings and up unless -v."""
     from scheduler.daemon import JOBS, outcome_json, run_daemon, run_once
+    from servers.core.logs import setup_logging
     from servers.core.settings import get_settings
 
-    _configure_logging()
     settings = get_settings()
+    setup_logging("daemon", verbosity=verbose, settings=settings)
+    if force and once != "daydream":
+        raise typer.BadParameter("only with --once daydream", param_hint="--force")
     if once is not None:
         if once not in JOBS:
             raise typer.BadParameter(f"jobs: {', '.join(JOBS)}", param_hint="--once")
-        outcome = asyncio.run(run_once(settings, once))
+        outcome = asyncio.run(run_once(settings, once, force=force))
         typer.echo(outcome_json(outcome))
         raise typer.Exit(0 if outcome.ok else 1)
     typer.echo("Valor daemon starting. Capabilities:", err=True)
@@ -309,7 +486,7 @@ def worker(
     from scheduler.daemon import run_workers
     from servers.core.settings import get_settings
 
-    _configure_logging()
+    _configure_logging("worker")
     raise typer.Exit(run_workers(get_settings(), workers))
 
 
@@ -321,7 +498,7 @@ def chat(
     from bridge.console import run_console
     from servers.core.errors import ValorError
 
-    _configure_logging()
+    _configure_logging("bridge")
     try:
         asyncio.run(run_console(chat_id))
     except ValorError as exc:
@@ -334,8 +511,9 @@ def chat(
 @app.command()
 def login(
     env_file: Annotated[
-        str, typer.Option("--env-file", help="Where TELEGRAM_SESSION is stored")
-    ] = ".env",
+        str | None,
+        typer.Option("--env-file", help="Where TELEGRAM_SESSION is stored (default: Valor's .env)"),
+    ] = None,
     print_session: Annotated[
         bool, typer.Option("--print", help="Print the session string instead of storing it")
     ] = False,
@@ -364,6 +542,10 @@ def login(
     if print_session:
         typer.echo(session)
         return
+    if env_file is None:
+        from servers.core.env_file import env_file_path
+
+        env_file = str(env_file_path())
     write_env_value(Path(env_file), SESSION_KEY, session)
     typer.echo(f"Logged in as {name}. {SESSION_KEY} stored in {env_file} (keep it secret).")
 

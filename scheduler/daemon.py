@@ -7,8 +7,10 @@ servers this process hosts (``servers.hosting.hosted``), with a signed operator 
 same path the bridge's Claude Code runs take, so a job exercises what users use.
 
 Also here: the promise workers (threads taking promise tasks off the queue, with crash recovery
-at start), the bridge when Telegram is configured, and a clean SIGTERM: no new jobs, running jobs
-get a grace period and are then cancelled, promise workers stop, every child process is ended.
+at start), the bridge when Telegram is configured, ``/metrics`` and ``/healthz`` on a loopback port
+of their own (``servers.core.scrape``; no token, no chat content), and a clean SIGTERM: no new
+jobs, running jobs get a grace period and are then cancelled, promise workers stop, every child
+process is ended.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from servers.core import sandbox, trust
 from servers.core.doctor import capability_report
+from servers.core.logs import adopt_library_loggers
 from servers.core.mcp_config import HostedTools, endpoint
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ class JobOutcome:
     detail: str
     data: dict[str, Any] | None = None
     seconds: float = 0.0
+    finished_at: float = 0.0  # epoch seconds
 
 
 def parse_quiet_hours(text: str) -> tuple[int, int] | None:
@@ -111,6 +115,8 @@ class Daemon:
         workers: int | None = None,
         run_bridge: bool = True,
         owns_process: bool = False,
+        serve_metrics: bool | None = None,
+        metrics_port: int | None = None,
     ):
         self.settings = settings
         self.host = host or settings.http_host
@@ -119,6 +125,11 @@ class Daemon:
         self.worker_count = settings.promise_workers if workers is None else workers
         self.run_bridge = run_bridge
         self.owns_process = owns_process  # the CLI: every child process is ours to end
+        # /metrics and /healthz: the long-running daemon's, not a one-off `--once` run's
+        self.serve_metrics = schedule if serve_metrics is None else serve_metrics
+        self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
+        self.metrics_url: str | None = None
+        self.started_at = time.time()
         try:
             self.quiet_hours = parse_quiet_hours(settings.daydream_quiet_hours)
         except ValueError as exc:  # a typo must not stop the tools and the health checks
@@ -150,7 +161,10 @@ class Daemon:
             hosted(self._secret, self.host, self.port)
         )
         self.tools = HostedTools(self.base_url, self._secret, tuple(SERVERS))
+        adopt_library_loggers()  # uvicorn just gave its loggers handlers of their own
         log.info("tools hosted at %s/<server>/mcp", self.base_url)
+        if self.serve_metrics:
+            await self._serve_scrape()
         sandbox.log_sandbox_mode(self.settings, log)  # a warning when runs are not sandboxed
         await self._open_job_clients()
         self._close_abandoned_sessions()
@@ -162,6 +176,34 @@ class Daemon:
             self._start_scheduler()
         self.ready.set()
         log.info("daemon ready")
+
+    async def _serve_scrape(self) -> None:
+        """/metrics and /healthz on loopback, no token (no chat content in either). A busy port
+        costs the metrics, not the tools and jobs."""
+        from servers.core.scrape import DaemonState, JobState, scrape_app
+        from servers.core.store import get_store
+
+        db_path = self.settings.db_path
+        state = DaemonState(
+            started_at=self.started_at,
+            ready=self.ready.is_set,
+            jobs=lambda: [
+                JobState(o.job, o.ok, o.finished_at) for o in list(self.last_outcomes.values())
+            ],
+        )
+        try:
+            self.metrics_url = await self._stack.enter_async_context(
+                serve_loopback(scrape_app(lambda: get_store(db_path), state), self.metrics_port)
+            )
+        except (OSError, SystemExit) as exc:
+            log.error(
+                "no /metrics and /healthz: cannot listen on 127.0.0.1:%s (%s); set "
+                "VALOR_METRICS_PORT",
+                self.metrics_port,
+                exc,
+            )
+            return
+        log.info("metrics and liveness at %s/metrics and /healthz", self.metrics_url)
 
     async def _report_capabilities(self) -> None:
         for item in capability_report(self.settings):
@@ -276,6 +318,7 @@ class Daemon:
         """No new jobs; running jobs get the grace period, then are cancelled; workers stop;
         child processes end; the HTTP host shuts down."""
         grace = self.settings.daemon_shutdown_grace_seconds
+        self.ready.clear()  # /healthz answers 503 from here on
         if self._scheduler is not None:
             self._scheduler.pause()
         running = [task for task in self._running_jobs if not task.done()]
@@ -325,11 +368,12 @@ class Daemon:
         level = logging.INFO if outcome.ok else logging.WARNING
         log.log(level, "job %s: %s (%.2fs)", job, outcome.detail, outcome.seconds)
 
-    async def run_job(self, job: str) -> JobOutcome:
+    async def run_job(self, job: str, *, force: bool = False) -> JobOutcome:
+        """Run one job now. ``force`` (daydream only): ignore quiet hours and a busy machine."""
         handlers: dict[str, Callable[[], Awaitable[JobOutcome]]] = {
             "health": self.job_health,
             "cleanup": self.job_cleanup,
-            "daydream": self.job_daydream,
+            "daydream": lambda: self.job_daydream(force=force),
         }
         if job not in handlers:
             raise ValueError(f"unknown job {job!r}; jobs: {', '.join(JOBS)}")
@@ -344,6 +388,7 @@ class Daemon:
             # type and place only: an exception's text may quote what it worked on
             outcome = JobOutcome(job, False, f"failed: {describe_exception(exc)}")
         outcome.seconds = time.monotonic() - started
+        outcome.finished_at = time.time()
         self.last_outcomes[job] = outcome
         return outcome
 
@@ -360,10 +405,11 @@ class Daemon:
         ok, data, text = await self.call_tool(MONITORING, "cleanup_resources", {"dry_run": False})
         return JobOutcome("cleanup", ok, "cleanup_resources done" if ok else text, data)
 
-    async def job_daydream(self) -> JobOutcome:
-        if in_quiet_hours(self.quiet_hours, datetime.now().astimezone()):
+    async def job_daydream(self, *, force: bool = False) -> JobOutcome:
+        if not force and in_quiet_hours(self.quiet_hours, datetime.now().astimezone()):
             return JobOutcome("daydream", True, "skipped: quiet hours")
-        ok, data, text = await self.call_tool("daydream-tools", "run_daydream", {})
+        arguments = {"force": True} if force else {}
+        ok, data, text = await self.call_tool("daydream-tools", "run_daydream", arguments)
         if not ok:
             return JobOutcome("daydream", False, f"run_daydream failed: {text}")
         return JobOutcome(
@@ -483,8 +529,11 @@ NOISY_LOGGERS = ("httpx", "httpx2", "mcp.server.streamable_http_manager", "apsch
 
 
 def quiet_noisy_loggers(settings: Settings) -> None:
-    """Per-request and per-run INFO lines from libraries would drown the daemon's own log."""
-    if settings.log_level == "DEBUG":
+    """Per-request and per-run INFO lines from libraries would drown the daemon's own log
+    (``servers.core.logs.setup_logging`` already did this, unless -vv asked for them)."""
+    from servers.core.logs import configured_kind
+
+    if settings.log_level == "DEBUG" or configured_kind() is not None:
         return
     for name in NOISY_LOGGERS:
         if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
@@ -544,6 +593,32 @@ async def model_unreachable_reason(settings: Settings) -> str | None:
     return None
 
 
+@contextlib.asynccontextmanager
+async def serve_loopback(app: Any, port: int) -> Any:
+    """Serve an ASGI app on 127.0.0.1 inside the running loop; yields its base URL. Like
+    ``servers.hosting.hosted``: uvicorn's startup()/shutdown() only, so it never wakes idle."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,  # its lines go through Valor's handlers (servers.core.logs)
+        log_level="warning",
+        lifespan="off",
+        date_header=False,
+    )
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)  # serve() would set it
+    await server.startup()  # raises SystemExit when it cannot bind
+    try:
+        bound_port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{bound_port}"
+    finally:
+        await server.shutdown()
+
+
 async def end_children(grace: float = 3.0) -> list[int]:
     """End every process this daemon started that is still running (no orphans)."""
     import os
@@ -597,7 +672,9 @@ async def run_daemon(settings: Settings) -> int:
     return 0
 
 
-async def run_once(settings: Settings, job: str, *, owns_process: bool = True) -> JobOutcome:
+async def run_once(
+    settings: Settings, job: str, *, owns_process: bool = True, force: bool = False
+) -> JobOutcome:
     """Host the tools on a free loopback port, run one job through them, stop."""
     quiet_noisy_loggers(settings)
     daemon = Daemon(
@@ -605,7 +682,7 @@ async def run_once(settings: Settings, job: str, *, owns_process: bool = True) -
     )
     await daemon.start()
     try:
-        return await daemon.run_job(job)
+        return await daemon.run_job(job, force=force)
     finally:
         await daemon.stop()
 

@@ -7,9 +7,9 @@ like any server, so errors are masked at both levels.
 
     python -m servers.bundle [--only NAME ...] [--directory DIR]
 
-``--directory`` is where the process reads ``.env`` from (settings read it from the working
-directory); client configs pass the repository, since MCP clients start servers in their own
-working directory and most cannot set one per server.
+``--directory`` is the process's working directory (client configs pass the repository, since
+MCP clients start servers in their own working directory). ``.env`` does not depend on it: every
+entry point reads ``VALOR_ENV_FILE``, else the repository's ``.env`` (``servers.core.env_file``).
 
 Client configs and ``valor serve --all`` start this module behind ``servers.stdio_front``, which
 answers the listings from a cache while this process imports FastMCP; run directly it is the
@@ -26,6 +26,7 @@ from fastmcp import FastMCP
 
 from servers import SERVERS, load_server
 from servers.core.app import create_server
+from servers.core.settings import exit_on_bad_settings
 
 BUNDLE_NAME = "valor-tools"  # ends in -tools: the hooks' matcher `mcp__.*-tools__.*` sees it
 
@@ -56,10 +57,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--only", action="append", metavar="NAME", help="serve only this server (repeatable)"
     )
-    parser.add_argument("--directory", help="working directory (where .env is read from)")
+    parser.add_argument("--directory", help="working directory of the process")
     args = parser.parse_args(argv)
     if args.directory:
         os.chdir(args.directory)
+    exit_on_bad_settings()  # before importing every server: exit 2, one line per problem
     try:
         servers = select(args.only)
     except KeyError as exc:

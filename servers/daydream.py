@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from fastmcp import Context
 from pydantic import BaseModel, Field
 
 from servers.core import daydream
 from servers.core.app import create_server
 from servers.core.history import iso
 from servers.core.principals import OPERATOR_TAG
+from servers.core.progress import Steps, from_context
 from servers.core.settings import get_settings
 from servers.core.store import get_store
 
@@ -101,13 +103,29 @@ async def run_daydream(
     dry_run: Annotated[
         bool, Field(description="Measure and analyse, but write no file and clean nothing")
     ] = False,
+    force: Annotated[
+        bool,
+        Field(
+            description="Run even when the machine is busy or promises are waiting (the reason "
+            "is recorded in the readiness phase)"
+        ),
+    ] = False,
+    ctx: Context | None = None,
 ) -> DaydreamSession:
-    """One daydream session: readiness, pre-cleanup, context, analysis, output, post-cleanup."""
+    """One daydream session: readiness, pre-cleanup, context, analysis, output, post-cleanup.
+
+    Reports progress at each phase (and while the model thinks); it can take minutes."""
     settings = get_settings()
     chosen = daydream.choose_workspaces(settings, workspaces)
     store = get_store()
     report = await daydream.run_session(
-        store, settings, workspaces=chosen, dry_run=dry_run, cleanup=_monitoring_cleanup()
+        store,
+        settings,
+        workspaces=chosen,
+        dry_run=dry_run,
+        cleanup=_monitoring_cleanup(),
+        force=force,
+        progress=Steps(from_context(ctx), 6),
     )
     return _session(daydream.history_item(store, report.session_id))
 

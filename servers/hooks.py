@@ -37,16 +37,11 @@ BUSY_TIMEOUT_MS = 2000  # a hook waits briefly for a busy store, then gives up (
 
 # -- where things are ------------------------------------------------------------------------------
 def _dotenv_value(name: str) -> str | None:
-    """The value in ./.env, like Settings reads it, so hooks and servers agree on the store."""
-    try:
-        with open(".env", encoding="utf-8") as handle:
-            for line in handle:
-                key, sep, value = line.strip().partition("=")
-                if sep and key.strip() == name:
-                    return value.strip().strip("'\"") or None
-    except OSError:
-        return None
-    return None
+    """The value in Valor's .env (``VALOR_ENV_FILE``, else the repository's; not the project
+    Claude Code runs in), as Settings reads it, so hooks and servers agree on the store."""
+    from servers.core.env_file import dotenv_value  # only when the environment lacks it
+
+    return dotenv_value(name)
 
 
 def _setting(name: str) -> str | None:

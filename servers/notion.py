@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from fastmcp import Context
 from pydantic import BaseModel, Field
 
 from servers.core import notion_projects
 from servers.core.app import create_server
+from servers.core.progress import Steps, from_context
 from servers.core.settings import get_settings
 
 mcp = create_server(
@@ -68,9 +70,11 @@ async def query_notion_projects(
             description="What to find out, e.g. 'which high priority tasks are in progress?'",
         ),
     ],
+    ctx: Context | None = None,
 ) -> ProjectAnswer:
     """Answer a question from a Notion workspace's project rows (title, status, priority, link)."""
-    result = await notion_projects.query_projects(workspace, question)
+    steps = Steps(from_context(ctx), notion_projects.QUERY_STEPS)
+    result = await notion_projects.query_projects(workspace, question, progress=steps)
     return ProjectAnswer(**result)
 
 

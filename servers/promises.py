@@ -10,6 +10,7 @@ from servers.core import promises
 from servers.core.app import create_server
 from servers.core.errors import ValorError
 from servers.core.history import iso
+from servers.core.settings import get_settings
 from servers.core.store import get_store
 from servers.core.trust import resolve_chat_id
 
@@ -95,8 +96,10 @@ def create_promise(
         ),
     ] = None,
 ) -> PromiseInfo:
-    """Commit to background work; it runs in the queue and reports back to the chat when done."""
+    """Commit to background work; it runs in the queue and reports back to the chat when done.
+    Refused at once ([config]) when what its kind needs is not configured."""
     chat = resolve_chat_id(chat_id, required=False)
+    promises.check_kind_configured(kind, get_settings())
     store = get_store()
     try:
         queue, note = promises.get_queue(), None

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import anyio
+from fastmcp import Context
 from pydantic import BaseModel, Field
 
 from servers.core import links, media, openai_services
 from servers.core.app import create_server
 from servers.core.errors import Category, ValorError
+from servers.core.progress import Steps, from_context
 from servers.core.settings import get_settings
 from servers.core.store import get_store
 from servers.core.trust import ChatIdArg, current_scope, resolve_chat_id
@@ -103,9 +105,13 @@ async def search_current_info(
     max_results: Annotated[
         int, Field(ge=1, le=20, description="How many numbered sources to return at most")
     ] = 5,
+    ctx: Context | None = None,
 ) -> SearchAnswer:
     """Search the web for current information (Perplexity); an answer with numbered sources."""
-    result = await openai_services.search_current_info(query.strip(), max_results)
+    steps = Steps(from_context(ctx), 1)
+    async with steps.waiting("searching the web (Perplexity)"):
+        result = await openai_services.search_current_info(query.strip(), max_results)
+    await steps.done(f"{len(result['citations'])} sources")
     return SearchAnswer(query=query, **result)
 
 
@@ -125,6 +131,7 @@ async def create_image(
         Literal["vivid", "natural"], Field(description="dall-e-3 only: vivid or natural look")
     ] = "vivid",
     chat_id: ChatIdArg = None,
+    ctx: Context | None = None,
 ) -> CreatedImage:
     """Generate an image (OpenAI) into the chat's media folder; returns its path for upload."""
     chat = resolve_chat_id(chat_id, required=False)
@@ -132,13 +139,17 @@ async def create_image(
     image_quality = "high" if quality == "high" else "medium"
     if settings.openai_image_model.startswith("dall-e"):
         image_quality = quality
-    result = await openai_services.generate_image(prompt, size, image_quality, style)
+    steps = Steps(from_context(ctx), 2)
+    async with steps.waiting(f"generating the image ({settings.openai_image_model})"):
+        result = await openai_services.generate_image(prompt, size, image_quality, style)
+    await steps.at(1, "saving the image")
     data = result["data"]
     if len(data) > settings.image_max_bytes:
         raise ValorError(Category.UPSTREAM, "The generated image is larger than the image limit.")
     stem = "generated" if chat is None else f"chat{chat}".replace("-", "m")
     path, mime_type = media.save_image(data, media.chat_folder(settings, chat), stem=stem)
     dimensions = media.image_dimensions(data, mime_type) or (None, None)
+    await steps.done("image saved")
     return CreatedImage(
         path=str(path),
         relative_path=str(path.relative_to(media.names_root(settings, chat))),
@@ -169,6 +180,7 @@ async def analyze_shared_image(
         Field(max_length=2000, description="A question about the image; empty to describe it"),
     ] = "",
     chat_id: ChatIdArg = "",
+    ctx: Context | None = None,
 ) -> ImageAnalysis:
     """Answer a question about an image in the chat's media folder, or describe it (OpenAI
     vision)."""
@@ -179,7 +191,10 @@ async def analyze_shared_image(
     image = await anyio.to_thread.run_sync(
         media.read_image, image_path, media.names_root(settings, chat), settings.image_max_bytes
     )
-    result = await openai_services.analyze_image(image, question)
+    steps = Steps(from_context(ctx), 1)
+    async with steps.waiting(f"looking at the image ({settings.openai_vision_model})"):
+        result = await openai_services.analyze_image(image, question)
+    await steps.done("analysed")
     return ImageAnalysis(
         image_path=image.relative,
         mime_type=image.mime_type,
@@ -195,10 +210,12 @@ async def save_link(
         str, Field(min_length=1, max_length=2048, description="The http(s) link to save")
     ],
     chat_id: ChatIdArg = None,
+    ctx: Context | None = None,
 ) -> SavedLinkResult:
     """Fetch a public web page, summarize it and save it for search; the same URL updates."""
     chat = resolve_chat_id(chat_id, required=False)
-    saved = await links.save_link(get_store(), url, chat)
+    steps = Steps(from_context(ctx), links.SAVE_LINK_STEPS)
+    saved = await links.save_link(get_store(), url, chat, progress=steps)
     return SavedLinkResult(
         url=saved.url,
         final_url=saved.final_url,

@@ -12,8 +12,9 @@ requests) passes through unchanged, line by line, in both directions.
     python -m servers.stdio_front [--only NAME ...] [--directory DIR]   # the bundle's arguments
 
 The cache (``DATA_DIR/stdio_front/<key>.json``, owner-only, written atomically) is keyed by
-everything that can change an answer: the content of every source file under ``servers/``, the
-installed fastmcp and mcp, the python, the bundle's arguments and the principal (``VALOR_CHAT_ID``
+everything that can change an answer: the content of every source file under ``servers/``, Valor's
+version (``serverInfo.version``: the installed metadata and ``pyproject.toml``), the installed
+fastmcp and mcp, the python, the bundle's arguments and the principal (``VALOR_CHAT_ID``
 from the environment or ``.env``); each answer within it by the request's method, protocol version
 and parameters. A file that is not valid, not owner-only, or written for another key is ignored.
 On a miss the front passes the request on and stores the bundle's answer. After serving from the
@@ -46,6 +47,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from servers.core.env_file import setting
+
 BUNDLE_MODULE = "servers.bundle"
 CACHE_FORMAT = 1
 CACHE_FOLDER = "stdio_front"
@@ -70,28 +73,14 @@ START_POLICIES = ("eager", "listed", "lazy")  # when the bundle starts (VALOR_ST
 # client's first model call instead of competing with the client's own start on a busy machine.
 DEFAULT_START = "listed"
 SERVERS_DIR = os.path.dirname(os.path.abspath(__file__))
+PYPROJECT = os.path.join(os.path.dirname(SERVERS_DIR), "pyproject.toml")
 
 
 # -- where and what: settings the front needs without pydantic ---------------------------------
-def dotenv_value(name: str, directory: str = ".") -> str | None:
-    """``name``'s value in ``directory/.env`` as Settings reads it (the hooks read it alike)."""
-    try:
-        with open(os.path.join(directory, ".env"), encoding="utf-8") as handle:
-            for line in handle:
-                key, sep, value = line.strip().partition("=")
-                if sep and key.strip() == name:
-                    return value.strip().strip("'\"") or None
-    except OSError:
-        return None
-    return None
-
-
-def setting(name: str, directory: str = ".") -> str | None:
-    return os.environ.get(name) or dotenv_value(name, directory)
-
-
-def data_dir(directory: str = ".") -> str:
-    configured = setting("VALOR_DATA_DIR", directory)
+# The environment, else Valor's one .env (VALOR_ENV_FILE, else the repository's), as Settings and
+# the hooks read it.
+def data_dir() -> str:
+    configured = setting("VALOR_DATA_DIR")
     if configured:
         return os.path.abspath(os.path.expanduser(configured))
     from servers.core.paths import default_data_dir
@@ -115,6 +104,14 @@ def installed_version(distribution: str) -> str:
     return "absent"
 
 
+def file_digest(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except OSError:
+        return "absent"
+
+
 def source_digest(root: str = SERVERS_DIR) -> str:
     """A digest of every python file under ``root`` (where the tools are defined)."""
     digest = hashlib.sha256()
@@ -128,16 +125,18 @@ def source_digest(root: str = SERVERS_DIR) -> str:
     return digest.hexdigest()
 
 
-def cache_key(bundle_args: Sequence[str], directory: str = ".") -> str:
+def cache_key(bundle_args: Sequence[str]) -> str:
     """What every cached answer depends on, as one hex digest."""
     parts = {
         "format": CACHE_FORMAT,
         "sources": source_digest(),
+        "valor": installed_version("valor"),  # serverInfo.version
+        "pyproject": file_digest(PYPROJECT),  # the version when Valor runs uninstalled
         "fastmcp": installed_version("fastmcp"),
         "mcp": installed_version("mcp"),
         "python": sys.version,
         "bundle_args": list(bundle_args),
-        "chat": setting("VALOR_CHAT_ID", directory),  # the principal the bundle serves
+        "chat": setting("VALOR_CHAT_ID"),  # the principal the bundle serves
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -537,22 +536,10 @@ def bundle_command(bundle_args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", BUNDLE_MODULE, *bundle_args]
 
 
-def directory_argument(bundle_args: Sequence[str]) -> str:
-    """The bundle's ``--directory`` (where ``.env`` is), or the working directory."""
-    args = list(bundle_args)
-    for index, arg in enumerate(args):
-        if arg == "--directory" and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith("--directory="):
-            return arg.split("=", 1)[1]
-    return "."
-
-
 def run(bundle_args: Sequence[str], stdin: IO[bytes], stdout: IO[bytes]) -> None:
-    directory = directory_argument(bundle_args)
-    key = cache_key(bundle_args, directory)
-    cache = AnswerCache(os.path.join(data_dir(directory), CACHE_FOLDER), key)
-    start = (setting("VALOR_STDIO_FRONT_START", directory) or DEFAULT_START).lower()
+    key = cache_key(bundle_args)
+    cache = AnswerCache(os.path.join(data_dir(), CACHE_FOLDER), key)
+    start = (setting("VALOR_STDIO_FRONT_START") or DEFAULT_START).lower()
     if start not in START_POLICIES:
         warn(f"VALOR_STDIO_FRONT_START={start!r} is not one of {', '.join(START_POLICIES)}")
         start = DEFAULT_START
@@ -575,8 +562,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return
-    directory = directory_argument(args)
-    if (setting("VALOR_STDIO_FRONT", directory) or "").lower() in ("off", "0", "false", "no"):
+    if (setting("VALOR_STDIO_FRONT") or "").lower() in ("off", "0", "false", "no"):
         command = bundle_command(args)
         os.execv(command[0], command)  # noqa: S606 (our own python, fixed arguments)
 

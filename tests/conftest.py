@@ -55,7 +55,11 @@ def valor_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
             monkeypatch.delenv(name, raising=False)
     data_dir = tmp_path / "valor-data"
     monkeypatch.setenv("VALOR_DATA_DIR", str(data_dir))
-    monkeypatch.chdir(tmp_path)  # no stray .env from the repo is read
+    monkeypatch.chdir(tmp_path)
+    # Valor's .env is VALOR_ENV_FILE, else the repository's: a test reads only its own (empty).
+    env_file = tmp_path / "test.env"
+    env_file.touch()
+    monkeypatch.setenv("VALOR_ENV_FILE", str(env_file))
     reset_settings_cache()
     yield data_dir
     close_all_stores()

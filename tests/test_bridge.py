@@ -38,6 +38,9 @@ def allowlist(monkeypatch):
 
 @pytest.fixture
 def fake_bin(tmp_path, monkeypatch, allowlist):
+    # The stand-in answers one prompt per process: these tests check the cold path (`claude -p`
+    # per message); warm sessions are tested with the real CLI in test_warm_sessions.py.
+    configure(monkeypatch, VALOR_WARM_SESSIONS="off")
     return install_fake_claude(tmp_path / "bin", monkeypatch)
 
 

@@ -29,6 +29,7 @@ def settings(monkeypatch):
     configure(
         monkeypatch,
         VALOR_HTTP_PORT="0",
+        VALOR_METRICS_PORT="0",
         VALOR_DAYDREAM_BASE_URL="http://127.0.0.1:9/v1",  # no model
         VALOR_DAYDREAM_BUSY_CPU_PERCENT="100",
     )
@@ -106,7 +107,14 @@ def test_quiet_hours_and_cron_parsing():
 
 def daemon_env(**extra):
     env = dict(os.environ)
-    env.update({"VALOR_HTTP_PORT": "0", "VALOR_PROMISE_WORKERS": "1", **extra})
+    env.update(
+        {
+            "VALOR_HTTP_PORT": "0",
+            "VALOR_METRICS_PORT": "0",
+            "VALOR_PROMISE_WORKERS": "1",
+            **extra,
+        }
+    )
     return env
 
 
@@ -141,7 +149,7 @@ class LogReader:
 
 def start_daemon(env):
     process = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.cli", "daemon"],
+        [sys.executable, "-m", "scheduler.cli", "daemon", "-v"],  # -v: info lines on stderr
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -329,3 +337,26 @@ def test_a_daemon_asked_to_bind_beyond_loopback_exits_2_and_says_why():
     process, log = start_daemon(daemon_env(VALOR_HTTP_HOST="0.0.0.0"))
     assert process.wait(timeout=DEADLINE_SECONDS) == 2, log.text[-3000:]
     wait_until(lambda: "Refusing to host on 0.0.0.0" in log.text, 10, "the reason in the log")
+
+
+async def test_once_daydream_force_runs_on_a_busy_machine(store, settings, monkeypatch):
+    from scheduler.daemon import run_once
+
+    configure(monkeypatch, VALOR_DAYDREAM_BUSY_MEMORY_PERCENT="0.1")  # always "busy"
+    busy = get_settings()
+    skipped = await run_once(busy, "daydream", owns_process=False)
+    forced = await run_once(busy, "daydream", owns_process=False, force=True)
+    assert skipped.ok and skipped.data["status"] == "skipped"
+    assert forced.ok and forced.data["status"] == "completed", forced.detail
+    assert forced.data["phases"][0]["detail"].startswith("forced; the machine is busy")
+
+
+def test_force_is_only_for_once_daydream():
+    completed = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "daemon", "--once", "health", "--force"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2 and "only with --once daydream" in completed.stderr

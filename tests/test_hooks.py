@@ -121,9 +121,13 @@ def test_hooks_read_the_data_dir_from_dotenv_like_the_servers(tmp_path):
     project.mkdir()
     data_dir = tmp_path / "from-dotenv"
     (project / ".env").write_text(f"# settings\nVALOR_DATA_DIR='{data_dir}'\n")
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path / "home"),
+        "VALOR_ENV_FILE": str(project / ".env"),
+    }
     payload = {"session_id": "s", "tool_name": "mcp__monitoring-tools__system_health"}
-    assert run_hook("post-tool-use", payload, env, cwd=project).returncode == 0
+    assert run_hook("post-tool-use", payload, env, cwd=tmp_path).returncode == 0
     assert len(db_rows(data_dir, "SELECT * FROM tool_calls")) == 1
 
 

@@ -12,9 +12,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from servers.core.settings import REPO_ROOT
 from servers.core.store import close_all_stores, get_store, secure_data_dir
 from tests.support import call, texts
+
+
+@pytest.fixture(autouse=True)
+def research_is_configured(valor_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A research promise is accepted only with Perplexity configured; no worker runs here, so
+    nothing is ever sent (and the base URL is a closed loopback port)."""
+    monkeypatch.setenv("PERPLEXITY_API_KEY", "pplx-test-key-not-used")
+    monkeypatch.setenv("VALOR_PERPLEXITY_BASE_URL", "http://127.0.0.1:9")
 
 
 def mode(path: Path) -> int:
@@ -58,7 +68,8 @@ async def test_a_fresh_data_directory_is_owner_only_from_each_entry_point(
         )
         assert created.returncode == 0, created.stderr
         # a stdio server as Claude Code starts it: a promise writes the store and the queue
-        async with stdio_client_for("promise-tools") as session:
+        research = {"PERPLEXITY_API_KEY": "pplx-test-key-not-used"}  # accepted, never run
+        async with stdio_client_for("promise-tools", env=research) as session:
             result = await session.call_tool(
                 "create_promise", {"description": "look into the slow build", "chat_id": 5}
             )

@@ -352,6 +352,16 @@ def test_the_repository_stays_read_only_when_it_is_the_workdir(store, tmp_path):
     assert not (REPO_ROOT / "sitecustomize.py").exists()
 
 
+def test_a_configured_env_file_outside_the_repository_reads_empty(store, tmp_path, monkeypatch):
+    # Inside the workdir (bound read-write), under a name no `.env*` rule matches.
+    elsewhere = tmp_path / "work" / "config" / "valor.env"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("VALOR_OPENAI_API_KEY=configured-env-secret\n")
+    monkeypatch.setenv("VALOR_ENV_FILE", str(elsewhere))
+    out = sandboxed_shell(f'cat {elsewhere}; echo "read:$?"', CHAT, tmp_path / "work").stdout
+    assert "configured-env-secret" not in out and "read:0" in out
+
+
 def test_a_bug_report_run_may_write_only_its_screenshot_folder(store, tmp_path):
     settings = get_settings()
     target = settings.chat_screenshots_path(CHAT) / "T-1"

@@ -23,6 +23,15 @@ from servers.promises import mcp as promise_server
 from servers.telegram import mcp as telegram_server
 from tests.support import call, texts
 
+
+@pytest.fixture(autouse=True)
+def research_is_configured(valor_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A research promise is accepted only with Perplexity configured; no worker runs here, so
+    nothing is ever sent (and the base URL is a closed loopback port)."""
+    monkeypatch.setenv("PERPLEXITY_API_KEY", "pplx-test-key-not-used")
+    monkeypatch.setenv("VALOR_PERPLEXITY_BASE_URL", "http://127.0.0.1:9")
+
+
 BWRAP = shutil.which("bwrap")
 needs_bwrap = pytest.mark.skipif(BWRAP is None, reason="bubblewrap (bwrap) is not installed")
 

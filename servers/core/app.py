@@ -19,6 +19,7 @@ from fastmcp.server.middleware import Middleware
 
 from servers.core.errors import ValorError, input_error, mask_unexpected, redact
 from servers.core.principals import PrincipalToolAccess
+from servers.core.version import valor_version
 
 # New files and folders of every Valor process are owner-only (the data directory holds every
 # chat's messages and the scope secret); each entry point sets it, servers here at import.
@@ -166,6 +167,20 @@ class DropUnmaskedTracebacks(logging.Filter):
         return True
 
 
+class LoggingFastMCP(FastMCP):
+    """A server run on its own (``python -m servers.<name>``, ``valor serve NAME``) logs into
+    ``LOG_DIR/server-<name>.log``; hosted in another process, it logs where that process does
+    (``servers.core.logs``: the first entry point decides)."""
+
+    async def run_async(self, *args: Any, **kwargs: Any) -> None:
+        from servers.core.logs import setup_logging
+        from servers.core.settings import exit_on_bad_settings
+
+        exit_on_bad_settings()  # refuse to start (exit 2, one line per problem), not [internal]
+        setup_logging(f"server-{self.name}")
+        await super().run_async(*args, **kwargs)
+
+
 def create_server(name: str, instructions: str) -> FastMCP:
     """A Valor server: errors masked and logged, and each principal shown and allowed only the
     tools it may use (``servers.core.principals``)."""
@@ -173,7 +188,9 @@ def create_server(name: str, instructions: str) -> FastMCP:
     fastmcp_logger = logging.getLogger("fastmcp.server.server")
     if not any(isinstance(f, DropUnmaskedTracebacks) for f in fastmcp_logger.filters):
         fastmcp_logger.addFilter(DropUnmaskedTracebacks())
-    server = FastMCP(name, instructions=instructions, mask_error_details=True)
+    server = LoggingFastMCP(
+        name, instructions=instructions, version=valor_version(), mask_error_details=True
+    )
     server.add_middleware(MaskUnexpectedErrors())
     # Inside the masking: a refused call raises the very error an unknown tool raises, and is
     # answered through the same path.

@@ -47,12 +47,14 @@ def protected_path_rules(settings: Settings) -> list[str]:
     """Deny rules for files a run must never read: .env files (every secret) and the store,
     run configs and Telegram state in the data directory (other chats, tokens). Claude Code
     applies Read rules to Bash commands that read those paths too (measured with 2.1.332)."""
+    from servers.core.env_file import env_file_path
     from servers.core.settings import REPO_ROOT
 
     data = Path(settings.data_dir).resolve()
     return [
         "Read(./.env)",
         f"Read(/{REPO_ROOT}/.env)",
+        f"Read(/{env_file_path().resolve()})",
         f"Read(/{data}/valor.db*)",
         f"Read(/{data}/run/**)",
         f"Read(/{data}/telegram/**)",

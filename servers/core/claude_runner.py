@@ -127,18 +127,7 @@ class ClaudeRunner:
     async def _run_once(
         self, run: ClaudeRun, on_event: EventHandler | None, cancel: asyncio.Event | None
     ) -> RunOutcome:
-        if not self.claude_bin:
-            raise ValorError(
-                Category.CONFIG,
-                "Claude Code is not installed: run `bash .ci/setup` (installs the pinned CLI "
-                "into node_modules/) or set VALOR_CLAUDE_BIN.",
-            )
-        if shutil.which(self.claude_bin) is None:  # checked here: inside bwrap it would be late
-            raise ValorError(
-                Category.CONFIG,
-                f"Could not start Claude Code ({self.claude_bin}): not found or not executable. "
-                "Run `bash .ci/setup` or set VALOR_CLAUDE_BIN.",
-            )
+        require_claude_bin(self.claude_bin)
         argv = run_argv(self.claude_bin, run, self.settings)
         workdir = Path(run.workdir or self.settings.workdir)
         env = build_env(run, self.settings)
@@ -328,6 +317,24 @@ class ClaudeRunner:
             return
         outcome.status = "error"
         outcome.error = classify_failure(result, returncode, outcome.stderr_tail)
+
+
+def require_claude_bin(claude_bin: str | None) -> str:
+    """``claude_bin``, or a [config] error saying how to install it (checked before the launch:
+    inside bwrap a missing binary would fail late and vaguely)."""
+    if not claude_bin:
+        raise ValorError(
+            Category.CONFIG,
+            "Claude Code is not installed: run `bash .ci/setup` (installs the pinned CLI "
+            "into node_modules/) or set VALOR_CLAUDE_BIN.",
+        )
+    if shutil.which(claude_bin) is None:
+        raise ValorError(
+            Category.CONFIG,
+            f"Could not start Claude Code ({claude_bin}): not found or not executable. "
+            "Run `bash .ci/setup` or set VALOR_CLAUDE_BIN.",
+        )
+    return claude_bin
 
 
 def _resume_failed(outcome: RunOutcome) -> bool:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from servers.core import promises
 from servers.core.errors import describe_exception, input_error, redact
+from servers.core.progress import Steps
 from servers.core.store import Store, now
 
 if TYPE_CHECKING:
@@ -447,7 +448,11 @@ async def run_session(
     dry_run: bool = False,
     cleanup: CleanupCall | None = None,
     session_id: str | None = None,
+    force: bool = False,
+    progress: Steps | None = None,
 ) -> SessionReport:
+    """One session. ``force`` runs it even when readiness says the machine or the queue is
+    busy (the reason is still recorded); ``progress`` hears each phase as it starts."""
     report = SessionReport(
         session_id=session_id or new_session_id(),
         status="running",
@@ -457,7 +462,9 @@ async def run_session(
     _save(store, report)
     log.info("daydream %s started (dry run: %s)", report.session_id, dry_run)
     try:
-        await _phases(store, settings, report, workspaces, cleanup)
+        await _phases(
+            store, settings, report, workspaces, cleanup, force, progress or Steps(None, 6)
+        )
     except asyncio.CancelledError:
         report.status = "interrupted"
         report.summary = report.summary or "interrupted (the daemon stopped)"
@@ -480,6 +487,8 @@ async def _phases(
     report: SessionReport,
     workspaces: list[Path],
     cleanup: CleanupCall | None,
+    force: bool,
+    steps: Steps,
 ) -> None:
     def record(name: str, started: float, status: str, detail: str = "", **data: Any) -> None:
         report.phases.append(
@@ -488,19 +497,23 @@ async def _phases(
         _save(store, report)
 
     # 1. readiness
+    await steps.at(0, "readiness: is the machine free?")
     started = time.monotonic()
     reason = await asyncio.to_thread(readiness, store, settings)
-    if reason:
+    if reason and not force:
         record("readiness", started, "skipped", reason)
         report.status, report.skip_reason = "skipped", reason
         report.summary = f"skipped: {reason}"
+        await steps.done(f"skipped: {reason}")
         return
-    record("readiness", started, "done", "ready")
+    record("readiness", started, "done", f"forced; {reason}" if reason else "ready")
 
     # 2. pre-cleanup
+    await steps.at(1, "pre-cleanup")
     await _cleanup_phase("pre_cleanup", cleanup, dry_run=report.dry_run, record=record)
 
     # 3. context
+    await steps.at(2, "context: reading the workspaces")
     started = time.monotonic()
     context = await asyncio.to_thread(gather_context, store, workspaces)
     record(
@@ -511,11 +524,13 @@ async def _phases(
     )
 
     # 4. analysis
+    await steps.at(3, f"analysis: asking {settings.daydream_model}")
     started = time.monotonic()
     analysis: str | None = None
     why_not: str | None = None
     try:
-        analysis = await analyse(context, settings)
+        async with steps.waiting(f"analysis: waiting for {settings.daydream_model}"):
+            analysis = await analyse(context, settings)
         report.analysis_status = "done"
         record("analysis", started, "done", f"{len(analysis)} characters from the model")
     except ModelUnavailable as exc:
@@ -524,6 +539,7 @@ async def _phases(
         record("analysis", started, "skipped", f"analysis skipped: {why_not}")
 
     # 5. output
+    await steps.at(4, "output: writing the insights")
     started = time.monotonic()
     section = render_insights(report.session_id, context, analysis, why_not)
     insights = settings.daydream_insights_path
@@ -539,12 +555,14 @@ async def _phases(
         record("output", started, "done", f"appended to {insights}; archived {archive.name}")
 
     # 6. post-cleanup
+    await steps.at(5, "post-cleanup")
     await _cleanup_phase("post_cleanup", cleanup, dry_run=report.dry_run, record=record)
 
     report.status = "completed"
     report.summary = "completed; " + (
         "analysis written" if analysis else f"analysis skipped: {why_not}"
     )
+    await steps.done(report.summary)
 
 
 async def _cleanup_phase(

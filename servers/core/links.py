@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 from servers.core import http_guard
 from servers.core.errors import Category, ValorError, input_error
 from servers.core.history import fts_query, iso, to_fts_query
+from servers.core.progress import Steps
 from servers.core.store import Store, now
 
 if TYPE_CHECKING:
     import httpx
 
 MAX_URL_LENGTH = 2048
+SAVE_LINK_STEPS = 3  # fetch, extract, summarize
 SUMMARY_CHARS = 500
 TAG_SEPARATOR = ", "
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -157,14 +159,19 @@ async def save_link(
     resolver: http_guard.Resolver | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     use_model: bool | None = None,
+    progress: Steps | None = None,
 ) -> SavedLink:
-    """Fetch, extract, summarize and store one link (an update if it was saved before)."""
+    """Fetch, extract, summarize and store one link (an update if it was saved before).
+    ``progress`` (3 steps) hears the fetch, the extraction and the summary start."""
     import anyio
 
     from servers.core import openai_services
 
+    steps = progress or Steps(None, SAVE_LINK_STEPS)
     normalized = normalize_url(url)
-    page = await http_guard.fetch(normalized, resolver=resolver, transport=transport)
+    async with steps.waiting("fetching the page"):
+        page = await http_guard.fetch(normalized, resolver=resolver, transport=transport)
+    await steps.at(1, "extracting the article")
     if page.content_type == "text/plain":
         text = page.text.strip()
         article = Article(title=text.splitlines()[0][:200] if text else "", text=text)
@@ -186,15 +193,21 @@ async def save_link(
         "",
     )
     if use_model if use_model is not None else openai_services.openai_configured():
+        await steps.at(2, "summarizing with the model")
         try:
-            summary, model_tags = await openai_services.summarize(
-                article.title, article.text or article.description
-            )
+            async with steps.waiting("summarizing with the model"):
+                summary, model_tags = await openai_services.summarize(
+                    article.title, article.text or article.description
+                )
             tags = [tag.replace(",", " ") for tag in model_tags] or tags
             source = "model"
         except ValorError as exc:
             note = f"Model summary failed, page summary used instead: {exc}"
-    return _upsert(store, normalized, page.url, chat_id, article.title, summary, tags, source, note)
+    saved = _upsert(
+        store, normalized, page.url, chat_id, article.title, summary, tags, source, note
+    )
+    await steps.done("saved")
+    return saved
 
 
 def _upsert(

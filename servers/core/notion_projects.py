@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from servers.core.errors import Category, ValorError, describe_exception, redact
+from servers.core.progress import Steps
 from servers.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ class _RedactSecrets(logging.Filter):
 log = logging.getLogger("valor.notion")
 log.addFilter(_RedactSecrets())
 
+QUERY_STEPS = 2  # read the rows, answer
 _TERM = re.compile(r"[^\W_]{3,}", re.UNICODE)
 _QUESTION_WORDS = frozenset(
     """
@@ -139,9 +142,12 @@ def translate_error(exc: Exception) -> ValorError:
 
 
 async def fetch_rows(
-    database_id: str, settings: Settings | None = None
+    database_id: str,
+    settings: Settings | None = None,
+    on_page: Callable[[int], Awaitable[None]] | None = None,
 ) -> tuple[list[ProjectRow], bool]:
-    """Every row of every data source of the database (up to the row cap); True if capped."""
+    """Every row of every data source of the database (up to the row cap); True if capped.
+    ``on_page`` hears the number of rows read so far after each page."""
     settings = settings or get_settings()
     client = notion_client(settings)
     rows: list[ProjectRow] = []
@@ -162,6 +168,8 @@ async def fetch_rows(
                         rows.append(parse_row(item))
                         if len(rows) >= settings.notion_max_rows:
                             return rows, True
+                if on_page is not None:
+                    await on_page(len(rows))
                 cursor = page.get("next_cursor")
                 if not page.get("has_more") or not cursor:
                     break
@@ -258,19 +266,33 @@ async def answer_with_model(workspace: str, question: str, rows: list[ProjectRow
     return answer.strip()
 
 
-async def query_projects(workspace: str, question: str) -> dict[str, Any]:
+async def query_projects(
+    workspace: str, question: str, progress: Steps | None = None
+) -> dict[str, Any]:
+    """``progress`` (2 steps) hears each page of rows read and the model's answer start."""
     from servers.core.openai_services import openai_configured
 
+    steps = progress or Steps(None, QUERY_STEPS)
     settings = get_settings()
     name, database_id = resolve_workspace(workspace, settings)
-    rows, capped = await fetch_rows(database_id, settings)
+    pages = 0
+
+    async def page_read(count: int) -> None:
+        nonlocal pages
+        pages += 1
+        await steps.at(1 - 0.5**pages, f"read {count} rows of {name}")
+
+    async with steps.waiting(f"reading the {name} database in Notion"):
+        rows, capped = await fetch_rows(database_id, settings, on_page=page_read)
     matching, filtered = filter_rows(rows, question)
     answer, source, note = "", "listing", ""
     if capped:
         note = f"Only the first {settings.notion_max_rows} rows were read (VALOR_NOTION_MAX_ROWS)."
     if openai_configured(settings) and rows:
+        await steps.at(1, "answering with the model")
         try:
-            answer, source = await answer_with_model(name, question, rows), "model"
+            async with steps.waiting("answering with the model"):
+                answer, source = await answer_with_model(name, question, rows), "model"
         except ValorError as exc:
             note = f"{note} The model could not answer ({exc}); the listing is below.".strip()
     if not answer:
@@ -284,6 +306,7 @@ async def query_projects(workspace: str, question: str) -> dict[str, Any]:
                 else f"No row matched the question's terms; all {len(rows)} rows"
             )
             answer = head + ":\n" + "\n".join(row.line() for row in shown)
+    await steps.done(f"{len(rows)} rows read")
     return {
         "workspace": name,
         "question": question,

@@ -69,10 +69,44 @@ Executor = Callable[[Promise, threading.Event, "Settings", "HostedTools | None"]
 
 
 class PromiseKind:
-    def __init__(self, name: str, summary: str, executor: Executor):
+    def __init__(
+        self,
+        name: str,
+        summary: str,
+        executor: Executor,
+        missing: Callable[[Settings], str | None] = lambda _: None,
+    ):
         self.name = name
         self.summary = summary
         self.executor = executor
+        self.missing = missing  # what the kind needs that is not configured, or None
+
+
+def _research_missing(settings: Settings) -> str | None:
+    key = settings.perplexity_api_key
+    if key is None or not key.get_secret_value().strip():
+        return "web search through Perplexity: set PERPLEXITY_API_KEY"
+    return None
+
+
+def _claude_code_missing(settings: Settings) -> str | None:
+    import shutil
+
+    binary = settings.resolve_claude_bin()
+    if binary is None or shutil.which(binary) is None:
+        return (
+            "the Claude Code CLI: run `npm ci` in the repository (node_modules/.bin/claude), "
+            "or set VALOR_CLAUDE_BIN"
+        )
+    return None
+
+
+def check_kind_configured(kind: str, settings: Settings) -> None:
+    """Refuse a promise whose work cannot run here, before it is recorded: accepted, it would
+    only fail later in a worker. A ``[config]`` error naming what to set."""
+    needed = KINDS[kind].missing(settings) if kind in KINDS else None
+    if needed:
+        raise ValorError(Category.CONFIG, f"A {kind} promise cannot run here: it needs {needed}.")
 
 
 def _research(
@@ -152,10 +186,16 @@ def _claude_code(
 
 KINDS: dict[str, PromiseKind] = {
     "research": PromiseKind(
-        "research", "a web research question answered with sources (Perplexity)", _research
+        "research",
+        "a web research question answered with sources (Perplexity)",
+        _research,
+        _research_missing,
     ),
     "claude_code": PromiseKind(
-        "claude_code", "a long headless Claude Code task in the workdir", _claude_code
+        "claude_code",
+        "a long headless Claude Code task in the workdir",
+        _claude_code,
+        _claude_code_missing,
     ),
 }
 

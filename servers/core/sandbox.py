@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from servers.core.env_file import env_file_path
 from servers.core.errors import Category, ValorError
 from servers.core.safe_files import UnsafeFile, ensure_private_dir, read_regular
 
@@ -291,6 +292,9 @@ def mount_plan(
     empty = _empty_file(settings.data_dir / "run")
     for folder in dict.fromkeys([repo, workdir, _real(os.getcwd())]):
         plan += [Mount("empty", secret, empty) for secret in _dotenv_files(folder)]
+    configured = _real(env_file_path())  # VALOR_ENV_FILE may name a file anywhere
+    if configured.is_file() and all(mount.path != configured for mount in plan):
+        plan.append(Mount("empty", configured, empty))
     return sorted(plan, key=lambda mount: len(mount.path.parts))
 
 

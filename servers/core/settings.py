@@ -7,16 +7,24 @@ Secrets are ``SecretStr``: they never appear in reprs, logs or error text.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import types
+import typing
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from servers.core.env_file import ENV_FILE_VARIABLE, REPO_ROOT, env_file_path
 from servers.core.paths import default_data_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["REPO_ROOT", "Settings", "get_settings", "settings_problems", "validate_settings"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _alias(*names: str) -> AliasChoices:
@@ -26,11 +34,18 @@ def _alias(*names: str) -> AliasChoices:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VALOR_",
-        env_file=".env",
+        env_file=None,  # the one rule (servers.core.env_file), applied in __init__
         env_file_encoding="utf-8",
         extra="ignore",
         populate_by_name=True,
+        # JSON values (lists, objects) are decoded by _decode_json below, so a bad one is a
+        # validation error naming its variable like any other, not a SettingsError traceback.
+        enable_decoding=False,
     )
+
+    def __init__(self, **values: Any) -> None:
+        values.setdefault("_env_file", env_file_path())
+        super().__init__(**values)
 
     # --- storage and directories ---
     data_dir: Path = Field(
@@ -44,7 +59,24 @@ class Settings(BaseSettings):
         default=None, description="Workspace screenshots (default: DATA_DIR/screenshots)."
     )
     log_dir: Path | None = Field(default=None, description="Log files (default: DATA_DIR/logs).")
-    log_level: str = Field(default="INFO", description="Python logging level.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Python logging level (any case)."
+    )
+    log_max_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        description="A process's log file (LOG_DIR/<kind>.log) is rotated past this size.",
+    )
+    log_backup_count: int = Field(
+        default=5, ge=1, le=100, description="Rotated log files kept per process kind."
+    )
+    metrics_port: int = Field(
+        default=8766,
+        ge=0,
+        le=65535,
+        description="Loopback port of the daemon's /metrics and /healthz (no token; 0: a free "
+        "port).",
+    )
 
     # --- trusted context (set by the launching process, never by the model) ---
     chat_id: int | None = Field(
@@ -156,6 +188,21 @@ class Settings(BaseSettings):
     allowed_chat_ids: list[int] = Field(default_factory=list)
     operator_chat_id: int | None = Field(default=None, description="Where alerts go.")
     max_concurrent_runs: int = Field(default=4, ge=1)
+    # Warm sessions: a resident Claude Code per active chat (servers/core/claude_resident.py).
+    warm_sessions: Literal["on", "off"] = Field(
+        default="on", description='"off": every message starts its own `claude -p` process.'
+    )
+    warm_max_processes: int = Field(
+        default=4, ge=0, le=1000, description="Chats holding a warm process at once; 0: off."
+    )
+    warm_idle_seconds: float = Field(default=600.0, gt=0, description="Idle time before closing.")
+    warm_max_turns: int = Field(default=50, ge=1, description="Turns before a process is renewed.")
+    warm_max_rss_mb: float = Field(
+        default=1024.0, gt=0, description="Resident memory (its whole tree) before renewal."
+    )
+    warm_max_age_seconds: float = Field(
+        default=4 * 3600.0, gt=0, description="Age before a process is renewed."
+    )
 
     # --- the bridge core ---
     persona_file: Path | None = Field(
@@ -319,10 +366,27 @@ class Settings(BaseSettings):
     def temp_path(self) -> Path:
         return self.temp_dir or self.data_dir / "tmp"
 
-    @field_validator("log_level")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _upper(cls, value: str) -> str:
-        return value.upper()
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _decode_json(cls, value: Any, info: Any) -> Any:
+        """A list or object setting arrives as JSON text; a path's ``~`` is the home folder."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, str) and _is_json_type(annotation):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+        if _mentions(annotation, Path):
+            if isinstance(value, str):
+                value = os.path.expanduser(value)
+            elif isinstance(value, list):
+                value = [os.path.expanduser(v) if isinstance(v, str) else v for v in value]
+        return value
 
     @property
     def db_path(self) -> Path:
@@ -376,3 +440,173 @@ def get_settings() -> Settings:
 def reset_settings_cache() -> None:
     """Tests change the environment; this makes the next get_settings() read it again."""
     get_settings.cache_clear()
+
+
+# --- settings errors as one line per problem (every entry point refuses to start on them) ----
+BAD_SETTINGS_EXIT_CODE = 2
+_VALUE_SHOWN_CHARS = 60
+
+
+def validate_settings() -> list[str]:
+    """Every problem of the configuration, one line each naming its variable; [] when valid.
+
+    Reads the environment and the ``.env`` file afresh (the cached settings are replaced)."""
+    problems: list[str] = []
+    configured_file = os.environ.get(ENV_FILE_VARIABLE)
+    if configured_file and not env_file_path().is_file():
+        problems.append(
+            f"{ENV_FILE_VARIABLE}={configured_file!r}: no such file; expected the path of a "
+            "readable .env file (or unset it to use the repository's .env)."
+        )
+    reset_settings_cache()
+    try:
+        get_settings()
+    except (ValidationError, SettingsError) as exc:
+        problems.extend(settings_problems(exc))
+    return problems
+
+
+def exit_on_bad_settings(stream: typing.TextIO | None = None) -> None:
+    """Print each settings problem on its own line and exit with code 2; return when valid."""
+    import sys
+
+    problems = validate_settings()
+    if problems:
+        print("\n".join(problems), file=stream or sys.stderr, flush=True)
+        raise SystemExit(BAD_SETTINGS_EXIT_CODE)
+
+
+def settings_problems(exc: ValidationError | SettingsError) -> list[str]:
+    """pydantic's ValidationError (or pydantic-settings' SettingsError) as one line per
+    problem: the variable, its value (never a secret's), what is wrong, and the expected form."""
+    if isinstance(exc, SettingsError):
+        found = _SETTINGS_ERROR_FIELD.search(str(exc))
+        field = found.group(1) if found else None
+        return [_problem_line(field, (), "could not be read", None)]
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error.get("loc", ()))
+        field = _field_named(str(loc[0])) if loc else None
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(_problem_line(field, loc[1:], message, error.get("input")))
+    return lines
+
+
+_SETTINGS_ERROR_FIELD = re.compile(r'field "([^"]+)"')
+
+
+def _field_named(name: str) -> str | None:
+    """The Settings field behind ``name`` (a field name or one of its variable names)."""
+    if name in Settings.model_fields:
+        return name
+    for field, info in Settings.model_fields.items():
+        if name.upper() in (v.upper() for v in _variables(field, info)):
+            return field
+    return None
+
+
+def _variables(field: str, info: Any) -> list[str]:
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return [str(choice) for choice in alias.choices]
+    if isinstance(alias, str):
+        return [alias]
+    return [f"VALOR_{field.upper()}"]
+
+
+def _source(names: list[str]) -> tuple[str, str | None, str]:
+    """Which variable is set, its raw text and where (the environment or the .env file)."""
+    environ = {key.upper(): value for key, value in os.environ.items()}
+    for name in names:
+        if name.upper() in environ:
+            return name, environ[name.upper()], "the environment"
+    from servers.core.env_file import dotenv_value
+
+    for name in names:
+        value = dotenv_value(name)
+        if value is not None:
+            return name, value, str(env_file_path())
+    return names[0], None, "the environment"
+
+
+def _problem_line(field: str | None, inner: tuple, message: str, value: Any) -> str:
+    if field is None:
+        return f"settings: {message}"
+    info = Settings.model_fields[field]
+    variable, raw, where = _source(_variables(field, info))
+    secret = _mentions(info.annotation, SecretStr)
+    if secret:
+        shown = "=<hidden>"
+    elif raw is not None:
+        shown = "=" + _shorten(raw)
+    else:
+        shown = "" if value is None else "=" + _shorten(str(value))
+    position = f"element [{inner[0]}]: " if inner and isinstance(inner[0], int) else ""
+    origin = "" if where == "the environment" else f" (in {where})"
+    return (
+        f"{variable}{shown}{origin}: {position}{message[:1].lower()}{message[1:]}; "
+        f"expected {expected_form(info)}."
+    )
+
+
+def _shorten(text: str) -> str:
+    text = text if len(text) <= _VALUE_SHOWN_CHARS else text[: _VALUE_SHOWN_CHARS - 1] + "…"
+    return repr(text)
+
+
+def expected_form(info: Any) -> str:
+    """How a value of this field is written, in words (with its bounds)."""
+    annotation = _without_none(info.annotation)
+    bounds = _bounds(info.metadata)
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(choice) for choice in typing.get_args(annotation))
+    if annotation is bool:
+        return "true or false (also 1/0, yes/no, on/off)"
+    if annotation is int:
+        return "a whole number" + bounds
+    if annotation is float:
+        return "a number" + bounds
+    if annotation is Path:
+        return "a path (absolute, or starting with ~)"
+    if annotation is SecretStr:
+        return "a secret (text)"
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (str,)
+        examples = {int: "[123456789, 987654321]", Path: '["/path/one", "~/two"]'}
+        names = {int: "whole numbers", Path: "paths", str: "strings"}
+        example = examples.get(item, '["one", "two"]')
+        return f"a JSON list of {names.get(item, 'values')}, e.g. {example}"
+    if origin is dict:
+        return 'a JSON object of names to strings, e.g. {"name": "value"}'
+    return "text"
+
+
+def _bounds(metadata: list[Any]) -> str:
+    words = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+    parts = [
+        f"{phrase} {getattr(item, attr)}"
+        for item in metadata
+        for attr, phrase in words.items()
+        if getattr(item, attr, None) is not None
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _without_none(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
+
+
+def _is_json_type(annotation: Any) -> bool:
+    return typing.get_origin(_without_none(annotation)) in (list, dict, set, tuple)
+
+
+def _mentions(annotation: Any, kind: type) -> bool:
+    """Whether ``kind`` appears in the annotation (``Path | None``, ``list[Path]`` …)."""
+    if annotation is kind:
+        return True
+    return any(_mentions(arg, kind) for arg in typing.get_args(annotation))

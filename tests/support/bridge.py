@@ -14,12 +14,14 @@ FAKE_CLAUDE = Path(__file__).resolve().parents[1] / "fake_claude.py"
 
 
 def install_fake_claude(directory: Path, monkeypatch) -> Path:
-    """An executable `claude` that runs tests/fake_claude.py; VALOR_CLAUDE_BIN points at it."""
+    """An executable `claude` that runs tests/fake_claude.py; VALOR_CLAUDE_BIN points at it.
+
+    That fake answers one `-p` prompt and exits, so warm (resident) sessions are off."""
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "claude"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_CLAUDE}" "$@"\n')
     script.chmod(0o755)
-    configure(monkeypatch, VALOR_CLAUDE_BIN=str(script))
+    configure(monkeypatch, VALOR_CLAUDE_BIN=str(script), VALOR_WARM_SESSIONS="off")
     return script
 
 
