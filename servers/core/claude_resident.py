@@ -48,20 +48,18 @@ from servers.core.claude_events import (
 )
 from servers.core.claude_runner import (
     STDERR_TAIL_CHARS,
-    STREAM_LIMIT_BYTES,
     EventHandler,
     RunOutcome,
-    _failed_servers,
-    _resume_failed,
     classify_failure,
+    failed_servers,
     require_claude_bin,
+    resume_failed,
+    start_launched,
 )
 from servers.core.errors import Category, ValorError
 from servers.core.processes import (
     end_process_tree,
     mark_process_ended,
-    process_create_time,
-    register_process,
 )
 
 if TYPE_CHECKING:
@@ -187,7 +185,6 @@ class ResidentClaude:
 
     # -- start -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        import psutil
 
         claude_bin = require_claude_bin(self.claude_bin)
         run, settings = self.run, self.settings
@@ -199,35 +196,12 @@ class ResidentClaude:
         )
         self._launch = launch
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *launch.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=str(workdir),
-                env=launch.env,
-                start_new_session=True,  # its own process group: the tree ends together
-                limit=STREAM_LIMIT_BYTES,
-            )
-        except OSError as exc:
+            started = await start_launched(self.store, run, launch, workdir)
+        except ValorError:
             self._resources.close()
-            raise ValorError(
-                Category.CONFIG, f"Could not start Claude Code ({launch.argv[0]}): {exc.strerror}."
-            ) from None
-        try:
-            self._create_time = process_create_time(self._proc.pid)
-        except psutil.Error:
-            self._create_time = time.time()
-        with contextlib.suppress(Exception):  # a registry hiccup must not orphan the process
-            register_process(
-                self.store,
-                self._proc.pid,
-                run.process_kind,
-                launch.command_shown(persona=bool(run.append_system_prompt)),
-                chat_id=run.chat_id,
-                create_time=self._create_time,
-            )
-            self._registered = True
+            raise
+        self._proc, self._create_time = started.proc, started.create_time
+        self._registered = started.registered
         self._tasks = [
             asyncio.create_task(self._read_events()),
             asyncio.create_task(self._read_stderr()),
@@ -357,7 +331,7 @@ class ResidentClaude:
 
     def resume_failed(self, outcome: RunOutcome) -> bool:
         """The session this process was started to resume does not exist (any more)."""
-        return self.resumed and self.turns == 1 and _resume_failed(outcome)
+        return self.resumed and self.turns == 1 and resume_failed(outcome)
 
     async def _write(self, line: bytes) -> None:
         assert self._proc is not None and self._proc.stdin is not None
@@ -451,7 +425,7 @@ class ResidentClaude:
             outcome.init = event
             self.session_id = event.session_id or self.session_id
             outcome.session_id = self.session_id
-            outcome.failed_servers = _failed_servers(event, self.run.expected_servers)
+            outcome.failed_servers = failed_servers(event, self.run.expected_servers)
             if outcome.failed_servers:
                 log.warning("MCP servers not connected: %s", outcome.failed_servers)
             self._record_session(event.session_id)

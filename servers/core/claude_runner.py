@@ -114,7 +114,7 @@ class ClaudeRunner:
     ) -> RunOutcome:
         """Run to the end (or timeout/cancel). A failed resume is retried once, fresh."""
         outcome = await self._run_once(run, on_event, cancel)
-        if run.session_id and _resume_failed(outcome):
+        if run.session_id and resume_failed(outcome):
             log.warning("session %s could not be resumed; starting a fresh one", run.session_id)
             fresh = dataclasses.replace(run, session_id=None)
             outcome = await self._run_once(fresh, on_event, cancel)
@@ -145,42 +145,13 @@ class ClaudeRunner:
         on_event: EventHandler | None,
         cancel: asyncio.Event | None,
     ) -> RunOutcome:
-        import psutil
 
         timeout = run.timeout_seconds or self.settings.claude_timeout_seconds
         started = time.monotonic()
         outcome = RunOutcome(status="error")
         outcome.started_at = time.time()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *launch.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=str(workdir),
-                env=launch.env,
-                start_new_session=True,  # its own process group: the tree ends together
-                limit=STREAM_LIMIT_BYTES,
-            )
-        except OSError as exc:
-            raise ValorError(
-                Category.CONFIG, f"Could not start Claude Code ({launch.argv[0]}): {exc.strerror}."
-            ) from None
-        try:
-            create_time = process_create_time(proc.pid)
-        except psutil.Error:  # gone already: registered and closed at once
-            create_time = time.time()
-        registration = None
-        command = launch.command_shown(persona=bool(run.append_system_prompt))
-        with contextlib.suppress(Exception):  # a registry hiccup must not orphan the process
-            registration = register_process(
-                self.store,
-                proc.pid,
-                run.process_kind,
-                command,
-                chat_id=run.chat_id,
-                create_time=create_time,
-            )
+        started_process = await start_launched(self.store, run, launch, workdir)
+        proc, create_time = started_process.proc, started_process.create_time
         outcome.pids.append(proc.pid)
         stderr_task = asyncio.create_task(_read_tail(proc.stderr))
         consume = asyncio.create_task(
@@ -224,7 +195,7 @@ class ClaudeRunner:
                         await task
             with contextlib.suppress(Exception):
                 outcome.stderr_tail = await asyncio.wait_for(stderr_task, timeout=1)
-            if registration is not None:
+            if started_process.registered:
                 with contextlib.suppress(Exception):
                     mark_process_ended(self.store, proc.pid, create_time)
         outcome.seconds = time.monotonic() - started
@@ -285,7 +256,7 @@ class ClaudeRunner:
                 elif isinstance(event, InitEvent):
                     outcome.init = event
                     outcome.session_id = event.session_id or outcome.session_id
-                    outcome.failed_servers = _failed_servers(event, run.expected_servers)
+                    outcome.failed_servers = failed_servers(event, run.expected_servers)
                     if outcome.failed_servers:
                         log.warning("MCP servers not connected: %s", outcome.failed_servers)
                     if sandboxed_in is not None and event.session_id:
@@ -337,7 +308,54 @@ def require_claude_bin(claude_bin: str | None) -> str:
     return claude_bin
 
 
-def _resume_failed(outcome: RunOutcome) -> bool:
+@dataclass
+class StartedProcess:
+    proc: asyncio.subprocess.Process
+    create_time: float
+    registered: bool  # in the process registry: mark it ended when it ends
+
+
+async def start_launched(
+    store: Store, run: ClaudeRun, launch: sandbox.Launch, workdir: Path
+) -> StartedProcess:
+    """Spawn ``launch`` in its own process group (the tree ends together) and register it by
+    pid and create time. Shared by one-shot runs and resident processes."""
+    import psutil
+
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *launch.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=str(workdir),
+            env=launch.env,
+            start_new_session=True,
+            limit=STREAM_LIMIT_BYTES,
+        )
+    except OSError as exc:
+        raise ValorError(
+            Category.CONFIG, f"Could not start Claude Code ({launch.argv[0]}): {exc.strerror}."
+        ) from None
+    try:
+        create_time = process_create_time(proc.pid)
+    except psutil.Error:  # gone already: registered and closed at once
+        create_time = time.time()
+    registered = False
+    with contextlib.suppress(Exception):  # a registry hiccup must not orphan the process
+        register_process(
+            store,
+            proc.pid,
+            run.process_kind,
+            launch.command_shown(persona=bool(run.append_system_prompt)),
+            chat_id=run.chat_id,
+            create_time=create_time,
+        )
+        registered = True
+    return StartedProcess(proc, create_time, registered)
+
+
+def resume_failed(outcome: RunOutcome) -> bool:
     if outcome.status != "error" or outcome.init is not None:
         return False
     detail = " ".join(outcome.result.errors) if outcome.result else ""
@@ -345,7 +363,7 @@ def _resume_failed(outcome: RunOutcome) -> bool:
     return any(marker in detail for marker in _RESUME_FAILURES)
 
 
-def _failed_servers(init: InitEvent, expected: Sequence[str]) -> list[str]:
+def failed_servers(init: InitEvent, expected: Sequence[str]) -> list[str]:
     present = {server.name for server in init.mcp_servers}
     return init.failed_servers + [name for name in expected if name not in present]
 
