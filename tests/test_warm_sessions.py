@@ -150,8 +150,15 @@ async def test_idle_process_is_closed_after_the_idle_time(
         await bridge.drain()
         pid = bridge.warm.process_of(CHAT).pid
         assert alive(pid)
-        await transport.wait_for(lambda: len(bridge.warm) == 0 and not alive(pid), timeout=30)
-        assert registrations(store)[0]["ended_at"] is not None
+        # Closed: out of the pool, the process gone, and (a moment later) its registry row ended.
+        await transport.wait_for(
+            lambda: (
+                len(bridge.warm) == 0
+                and not alive(pid)
+                and registrations(store)[0]["ended_at"] is not None
+            ),
+            timeout=30,
+        )
         # The session stays: the next message resumes it in a fresh process.
         await bridge.receive(incoming(CHAT, 2, "again"))
         await bridge.drain()
