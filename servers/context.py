@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from servers.core import context_opt
-from servers.core.app import create_server, set_text_limit
+from servers.core.app import create_server, deferred, set_text_limit
 from servers.core.errors import Category, ValorError
 from servers.core.settings import Settings, get_settings
 from servers.core.trust import resolve_chat_id
@@ -170,7 +170,13 @@ def model_summarizer(settings: Settings) -> context_opt.Summarizer | None:
     return summarize
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "destructiveHint": False, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "destructiveHint": False, "openWorldHint": False},
+    meta=deferred(
+        "shrink a long conversation to a token budget, summarize, compress",
+        max_result_chars=500_000,
+    ),
+)
 def optimize_context(
     messages: MessagesArg,
     max_tokens: BudgetArg,
@@ -209,7 +215,10 @@ def optimize_context(
     return OptimizedContext(**result.as_dict())
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "destructiveHint": False, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "destructiveHint": False, "openWorldHint": False},
+    meta=deferred("conversation token count and budget usage"),
+)
 def context_health(messages: MessagesArg, max_tokens: BudgetArg) -> ContextHealth:
     """Assess a conversation against a budget: utilization, duplicates, stale tool output,
     the oldest critical item, and concrete recommendations."""
@@ -220,7 +229,12 @@ def context_health(messages: MessagesArg, max_tokens: BudgetArg) -> ContextHealt
     return ContextHealth(**health.as_dict())
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "destructiveHint": False, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "destructiveHint": False, "openWorldHint": False},
+    meta=deferred(
+        "context block for a prompt: chat summary and recent messages", max_result_chars=500_000
+    ),
+)
 def build_context_block(
     messages: MessagesArg,
     user_name: Annotated[str, Field(max_length=200, description="Who is writing")] = "",

@@ -8,7 +8,7 @@ from fastmcp import Context
 from pydantic import BaseModel, Field
 
 from servers.core import daydream
-from servers.core.app import create_server
+from servers.core.app import create_server, deferred
 from servers.core.history import iso
 from servers.core.principals import OPERATOR_TAG
 from servers.core.progress import Steps, from_context
@@ -91,6 +91,7 @@ def _monitoring_cleanup() -> daydream.CleanupCall | None:
 @mcp.tool(
     tags={OPERATOR_TAG},
     annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
+    meta=deferred("daydream reflect on recent work, ideas and insights"),
 )
 async def run_daydream(
     workspaces: Annotated[
@@ -130,7 +131,11 @@ async def run_daydream(
     return _session(daydream.history_item(store, report.session_id))
 
 
-@mcp.tool(tags={OPERATOR_TAG}, annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    tags={OPERATOR_TAG},
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=deferred("past daydreams, earlier insights"),
+)
 def daydream_history(
     limit: Annotated[int, Field(ge=1, le=100, description="Newest N sessions")] = 10,
 ) -> DaydreamHistory:

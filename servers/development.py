@@ -8,7 +8,7 @@ from fastmcp import Context
 from pydantic import BaseModel, Field
 
 from servers.core import bug_reports, screenshots
-from servers.core.app import create_server
+from servers.core.app import create_server, deferred
 from servers.core.settings import get_settings
 from servers.core.trust import ChatIdArg, resolve_chat_id
 
@@ -93,7 +93,10 @@ def _info(shot: screenshots.Screenshot) -> dict:
     }
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": True},
+    meta=deferred("screenshot of a web page or local app, browser capture"),
+)
 async def retrieve_workspace_screenshot(
     task_id: TaskIdArg,
     chat_id: ChatIdArg = "",
@@ -113,7 +116,10 @@ async def retrieve_workspace_screenshot(
     return WorkspaceScreenshot(**_info(shot), **analysis, chat_id=chat)
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=deferred("screenshots taken earlier"),
+)
 def list_workspace_screenshots(
     task_id: Annotated[
         str | None,
@@ -137,7 +143,10 @@ def list_workspace_screenshots(
     )
 
 
-@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": True})
+@mcp.tool(
+    annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": True},
+    meta=deferred("file a bug report or issue with a screenshot"),
+)
 async def execute_bug_report_with_screenshot(
     task_description: Annotated[
         str,

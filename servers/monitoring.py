@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from servers.core.app import create_server
+from servers.core.app import create_server, deferred
 from servers.core.cleanup import CleanupReport, cleanup
 from servers.core.health import HealthReport, collect_health
 from servers.core.principals import OPERATOR_TAG
@@ -50,11 +50,16 @@ def _health(window_hours: float | None) -> HealthReport:
     )
 
 
-@mcp.tool(tags={OPERATOR_TAG}, annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    tags={OPERATOR_TAG},
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=deferred("health, status, errors, uptime, disk space, database size"),
+)
 def system_health(window_hours: WindowArg = None) -> HealthReport:
-    """Machine CPU/memory/disk, Valor's and its Claude Code runs' processes, tool success rate
-    and latency per tool, queue depth and store size, scored 0-100 with alerts that each carry a
-    severity and a recommended action."""
+    """Check whether Valor and its machine are healthy: a 0-100 score with alerts and actions.
+
+    Covers CPU, memory and disk, Valor's and its Claude Code runs' processes, tool success rate
+    and latency per tool, queue depth and store size."""
     return _health(window_hours)
 
 
@@ -67,6 +72,7 @@ def valor_temp_dirs() -> list[Path]:
 @mcp.tool(
     tags={OPERATOR_TAG},
     annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False},
+    meta=deferred("clean up old files, free disk space, temp media logs"),
 )
 def cleanup_resources(
     dry_run: Annotated[
@@ -81,9 +87,11 @@ def cleanup_resources(
         ),
     ] = 24,
 ) -> CleanupReport:
-    """End stale processes Valor started (matched by pid and create time, whole tree, SIGTERM
-    then SIGKILL), remove Valor's old temporary files, prune old metrics and checkpoint/vacuum
-    the store. Processes Valor did not start are never touched, whatever their name."""
+    """Free resources Valor left behind: stale processes, old temporary files, old metrics.
+
+    Ends stale processes Valor started (matched by pid and create time, whole tree, SIGTERM then
+    SIGKILL), checkpoints and vacuums the store. Processes Valor did not start are never touched,
+    whatever their name."""
     settings = get_settings()
     return cleanup(
         get_store(),
@@ -96,7 +104,11 @@ def cleanup_resources(
     )
 
 
-@mcp.tool(tags={OPERATOR_TAG}, annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    tags={OPERATOR_TAG},
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=deferred("metrics, Prometheus counters, usage statistics"),
+)
 def export_metrics(
     format: Annotated[
         Literal["json", "prometheus"],

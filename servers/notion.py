@@ -8,7 +8,7 @@ from fastmcp import Context
 from pydantic import BaseModel, Field
 
 from servers.core import notion_projects
-from servers.core.app import create_server
+from servers.core.app import create_server, deferred
 from servers.core.progress import Steps, from_context
 from servers.core.settings import get_settings
 
@@ -52,7 +52,10 @@ class WorkspaceList(BaseModel):
     configured: bool = Field(description="True when NOTION_API_KEY is set")
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": True},
+    meta=deferred("notion projects tasks status priorities roadmap"),
+)
 async def query_notion_projects(
     workspace: Annotated[
         str,
@@ -78,7 +81,10 @@ async def query_notion_projects(
     return ProjectAnswer(**result)
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=deferred("notion workspaces configured databases"),
+)
 def list_notion_workspaces() -> WorkspaceList:
     """The workspace names query_notion_projects accepts, with their Notion database ids."""
     settings = get_settings()

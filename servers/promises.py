@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from servers.core import promises
-from servers.core.app import create_server
+from servers.core.app import create_server, deferred
 from servers.core.errors import ValorError
 from servers.core.history import iso
 from servers.core.settings import get_settings
@@ -71,7 +71,10 @@ def _visible(promise: promises.Promise) -> promises.Promise:
     return promise
 
 
-@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True})
+@mcp.tool(
+    annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
+    meta=deferred("long or background work, do it later and report back, async job"),
+)
 def create_promise(
     description: Annotated[
         str,
@@ -111,26 +114,35 @@ def create_promise(
     return info
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=deferred("background job progress, result of a promise"),
+)
 def promise_status(
     promise_id: Annotated[int, Field(ge=1, description="The id create_promise returned")],
 ) -> PromiseInfo:
-    """The state of one promise, with its result or error when finished."""
+    """Check one background job (promise): its state, and its result or error when finished."""
     return _info(_visible(promises.get_promise(get_store(), promise_id)))
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=deferred("queued tasks, work in progress: pending, running, done"),
+)
 def list_promises(
     status: Annotated[Status | None, Field(description="Only promises in this state")] = None,
     limit: Annotated[int, Field(ge=1, le=200, description="Newest N")] = 20,
 ) -> PromiseList:
-    """Promises, newest first (in a chat session: that chat's only)."""
+    """List background jobs (promises), newest first; in a chat session that chat's only."""
     scope = resolve_chat_id(None, required=False)
     found = promises.list_promises(get_store(), status, limit, chat_id=scope)
     return PromiseList(status=status, promises=[_info(p) for p in found])
 
 
-@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False},
+    meta=deferred("stop or cancel a background job"),
+)
 def cancel_promise(
     promise_id: Annotated[int, Field(ge=1, description="The promise to cancel")],
 ) -> PromiseInfo:

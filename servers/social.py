@@ -9,7 +9,7 @@ from fastmcp import Context
 from pydantic import BaseModel, Field
 
 from servers.core import links, media, openai_services
-from servers.core.app import create_server
+from servers.core.app import always_loaded, create_server
 from servers.core.errors import Category, ValorError
 from servers.core.progress import Steps, from_context
 from servers.core.settings import get_settings
@@ -97,7 +97,7 @@ class LinkSearch(BaseModel):
     hits: list[LinkHit]
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True})
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True}, meta=always_loaded())
 async def search_current_info(
     query: Annotated[
         str, Field(min_length=1, max_length=2000, description="What to find out, in words")
@@ -115,7 +115,10 @@ async def search_current_info(
     return SearchAnswer(query=query, **result)
 
 
-@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True})
+@mcp.tool(
+    annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
+    meta=always_loaded(),
+)
 async def create_image(
     prompt: Annotated[
         str, Field(min_length=1, max_length=4000, description="What the image should show")
@@ -164,7 +167,7 @@ async def create_image(
     )
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True})
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True}, meta=always_loaded())
 async def analyze_shared_image(
     image_path: Annotated[
         str,
@@ -204,7 +207,10 @@ async def analyze_shared_image(
     )
 
 
-@mcp.tool(annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True})
+@mcp.tool(
+    annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
+    meta=always_loaded(),
+)
 async def save_link(
     url: Annotated[
         str, Field(min_length=1, max_length=2048, description="The http(s) link to save")
@@ -230,7 +236,7 @@ async def save_link(
     )
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False}, meta=always_loaded())
 def search_links(
     query: Annotated[
         str,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from servers.core.app import create_server
+from servers.core.app import always_loaded, create_server
 from servers.core.trust import RequiredChatIdArg, resolve_chat_id
 
 mcp = create_server(
@@ -39,7 +39,10 @@ class ConversationContext(BaseModel):
     context: str = Field(description="Messages oldest first, one per line, ready for a model")
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=always_loaded(max_result_chars=50_000),
+)
 def search_conversation_history(
     query: Annotated[
         str,
@@ -63,7 +66,10 @@ def search_conversation_history(
     return HistorySearch(query=query, chat_id=chat, hits=[HistoryHit(**hit) for hit in hits])
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False})
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=always_loaded(max_result_chars=50_000),
+)
 def get_conversation_context(
     hours_back: Annotated[
         float, Field(gt=0, le=24 * 365, description="How far back to read, in hours")
@@ -71,7 +77,7 @@ def get_conversation_context(
     chat_id: RequiredChatIdArg = None,
     max_messages: Annotated[int, Field(ge=1, le=500, description="Newest N messages")] = 50,
 ) -> ConversationContext:
-    """Recent messages of the chat in order, formatted for a model and bounded in size."""
+    """Read the chat's recent messages in order, to catch up; bounded in size."""
     from servers.core import history
     from servers.core.settings import get_settings
     from servers.core.store import get_store, now

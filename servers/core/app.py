@@ -34,6 +34,36 @@ _TEXT_LIMIT_SETTINGS: dict[str, str] = {}
 _GENERAL_TEXT_LIMIT = "tool_text_max_chars"
 
 
+# How Claude Code loads a tool, read from each tool's ``_meta`` in the listing (the pinned CLI,
+# 2.1.332): by default every MCP tool is deferred behind its ToolSearch tool (the model sees only
+# the name, so a first use costs one more model request); ``anthropic/alwaysLoad`` puts the whole
+# definition into every request; ``anthropic/searchHint`` is what ToolSearch matches a deferred
+# tool by; ``anthropic/maxResultSizeChars`` is the largest result kept in the conversation (above
+# it Claude Code saves the result to a file; default 100,000, at most 500,000). Set here, the
+# policy reaches every client: the hosted HTTP servers, the stdio bundle and per-server entries.
+ALWAYS_LOAD_META = "anthropic/alwaysLoad"
+SEARCH_HINT_META = "anthropic/searchHint"
+MAX_RESULT_META = "anthropic/maxResultSizeChars"
+
+
+def always_loaded(max_result_chars: int | None = None) -> dict[str, Any]:
+    """``meta=`` of a tool a chat uses in most conversations: its definition is in every request,
+    so calling it takes no ToolSearch request first (its cost: the definition's tokens)."""
+    meta: dict[str, Any] = {ALWAYS_LOAD_META: True}
+    if max_result_chars is not None:
+        meta[MAX_RESULT_META] = max_result_chars
+    return meta
+
+
+def deferred(search_hint: str, max_result_chars: int | None = None) -> dict[str, Any]:
+    """``meta=`` of a tool used now and then: deferred behind ToolSearch, found by the words of
+    ``search_hint`` (what a person would ask for, beyond the tool's name)."""
+    meta: dict[str, Any] = {ALWAYS_LOAD_META: False, SEARCH_HINT_META: search_hint}
+    if max_result_chars is not None:
+        meta[MAX_RESULT_META] = max_result_chars
+    return meta
+
+
 class MaskUnexpectedErrors(Middleware):
     """ValorErrors pass through as they are; anything else becomes an internal error with an id.
 
