@@ -163,5 +163,6 @@ async def run_console(chat_id: int = 0) -> None:
     bridge = Bridge(transport, reply_factory=console_reply, authorize_all=True)
     sys.stderr.write(
         "Valor chat: type a message and press Enter; /stop, /new, /status; Ctrl-D to quit.\n"
+        "Answer a 🔐 question with yes CODE, always CODE (this session) or no CODE.\n"
     )
     await bridge.run()

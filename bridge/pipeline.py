@@ -9,6 +9,9 @@
 - One FIFO per chat keeps order; a semaphore (``VALOR_MAX_CONCURRENT_RUNS``) bounds runs overall.
 - Tools are hosted once over HTTP on loopback; each run gets a config with a token for its chat.
 - Commands: ``/stop`` ends the running reply, ``/new`` starts a fresh session, ``/status``.
+- Approvals: a run asks approval-tools about tools not allowed up front
+  (``servers.core.approvals``); the bridge puts each pending question to its chat and an
+  allowlisted user's ``yes CODE`` / ``always CODE`` / ``no CODE`` answers it at once.
 - Warm sessions (``VALOR_WARM_*``): a chat's Claude Code stays resident between its messages
   (``servers.core.claude_resident``); a message that arrives mid-turn waits in the chat's queue,
   a process that dies mid-turn has the message re-run once in a fresh one (``--resume``).
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from bridge import inbox
 from bridge.reply import editing_reply
 from bridge.transport import IncomingMessage, ReplySink, Transport
-from servers.core import history, outbox
+from servers.core import approvals, history, outbox
 from servers.core.claude_command import ClaudeRun
 from servers.core.claude_events import (
     ApiRetryEvent,
@@ -65,6 +68,7 @@ PROCESS_KIND = "claude-bridge"
 COMMANDS = ("/stop", "/new", "/status")
 PERSONA_PATH = Path(__file__).with_name("persona.md")
 OUTBOX_POLL_SECONDS = 1.0
+APPROVALS_POLL_SECONDS = 0.02  # a question reaches the chat this soon after the tool asks
 MAX_ATTEMPTS = 3  # runs of one message cut short by a bridge stop or crash before giving up
 FRESH_SESSION_NOTICE = (
     "The previous conversation session could not be resumed, so this reply started a fresh session."
@@ -159,6 +163,7 @@ class Bridge:
         self.tools: HostedTools | None = None  # while serving with hosted tools
         self._lock_file: Any = None
         self._outbox_task: asyncio.Task[None] | None = None
+        self._approvals_task: asyncio.Task[None] | None = None
         self._prepend_context = not workdir_has_context_hook(self.settings.workdir)
 
     def _load_persona(self) -> str:
@@ -189,6 +194,7 @@ class Bridge:
             async with self._hosted_tools():
                 await self.recover()
                 self._outbox_task = asyncio.create_task(self._outbox_loop())
+                self._approvals_task = asyncio.create_task(self._approvals_loop())
                 self.warm.start_sweeping()
                 try:
                     yield self
@@ -251,6 +257,11 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._outbox_task
             self._outbox_task = None
+        if self._approvals_task is not None:
+            self._approvals_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._approvals_task
+            self._approvals_task = None
         workers = list(self._workers.values())
         for task in workers:
             task.cancel()
@@ -276,6 +287,7 @@ class Bridge:
                 log.warning("ending Claude Code run %s left by a stopped bridge", registration.pid)
                 await end_process_tree(registration.pid, create_time=registration.create_time)
             mark_process_ended(self.store, registration.pid, registration.create_time)
+        approvals.expire_abandoned(self.store)
         rows = inbox.unfinished(self.store)
         for row in rows:
             self._enqueue(row.chat_id, row.id)
@@ -302,6 +314,9 @@ class Bridge:
                 message.chat_id,
             )
             return "unauthorized"
+        answer = approvals.parse_answer(message.text)
+        if answer is not None:  # no mention needed in a group: it answers Valor's question
+            return await self._approval_answer(message, answer)
         if message.is_group and not (message.mentions_valor or message.replies_to_valor):
             return "ignored"
         command = parse_command(message.text)
@@ -341,11 +356,78 @@ class Bridge:
                 reply = "Stopping the current reply."
         elif command == "/new":
             inbox.forget_session(self.store, chat)
+            approvals.end_session_grants(self.store, chat)  # "allow for this session" ends too
             await self.warm.close_chat(chat, "new session")
             reply = "Fresh start: the next message begins a new session."
         else:
             reply = self.status_text(chat)
         await self.transport.send_text(chat, reply, reply_to=message.message_id)
+
+    def may_approve(self, message: IncomingMessage) -> bool:
+        """Only an allowlisted user answers a question (in a group too, where any member may
+        talk to Valor); at the console the person at the keyboard is the owner."""
+        return self.authorize_all or message.sender_id in self.settings.allowed_user_ids
+
+    async def _approval_answer(self, message: IncomingMessage, answer: approvals.Answer) -> str:
+        if not self.may_approve(message):
+            log.warning(
+                "ignored an approval answer from user %s in chat %s (not an allowlisted user)",
+                message.sender_id,
+                message.chat_id,
+            )
+            return "ignored"
+        if not inbox.persist_incoming(self.store, message, status="command"):
+            return "duplicate"
+        decided = approvals.decide(
+            self.store, message.chat_id, answer, message.sender_id, message.sender_name
+        )
+        if decided is None:
+            reply = f"No open question with the code {answer.code} in this chat."
+        elif decided.status == "denied":
+            reply = f"Denied {decided.tool_name}."
+        elif decided.scope == "session":
+            reply = f"Allowed {decided.tool_name} for this session."
+        else:
+            reply = f"Allowed {decided.tool_name} once."
+        await self.transport.send_text(message.chat_id, reply, reply_to=message.message_id)
+        return "approval"
+
+    def _asks_approval(self) -> bool:
+        return (
+            self.settings.approvals == "on"
+            and self.tools is not None
+            and approvals.SERVER_NAME in self.tools.servers
+        )
+
+    async def _approvals_loop(self) -> None:
+        """Put each new question to its chat; tell a chat when one went unanswered."""
+        while True:
+            try:
+                await self.ask_pending_approvals()
+            except Exception as exc:  # a failed send is retried on the next tick
+                log.warning("approval questions failed: %s", describe_exception(exc))
+            await asyncio.sleep(APPROVALS_POLL_SECONDS)
+
+    async def ask_pending_approvals(self) -> int:
+        """Ask every unasked question and report every unanswered one; returns how many."""
+        timeout = self.settings.approval_timeout_seconds
+        done = 0
+        for approval in approvals.unasked(self.store):
+            await self.transport.send_text(
+                approval.chat_id, approvals.question_text(approval, timeout)
+            )
+            approvals.mark_asked(self.store, approval.id)
+            done += 1
+        for approval in approvals.expired_untold(self.store):
+            meaning = "allowed" if self.settings.approval_on_timeout == "allow" else "denied"
+            await self.transport.send_text(
+                approval.chat_id,
+                f"No answer about {approval.tool_name} ({approval.code}) within {timeout:.0f} s: "
+                f"{meaning}.",
+            )
+            approvals.mark_told(self.store, approval.id)
+            done += 1
+        return done
 
     def status_text(self, chat_id: int) -> str:
         running = self._running.get(chat_id)
@@ -474,6 +556,7 @@ class Bridge:
                 *self.settings.claude_extra_allowed_tools,
             ],
             append_system_prompt=self.persona or None,
+            permission_prompt_tool=approvals.PROMPT_TOOL if self._asks_approval() else None,
             env=self.claude_env,
             process_kind=PROCESS_KIND,
         )

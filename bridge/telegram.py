@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.formatting import Entity
 from bridge.transport import IncomingMessage, SentMessage
+from servers.core.approvals import parse_answer
 from servers.core.errors import Category, ValorError, describe_exception
 from servers.core.media import chat_folder
 
@@ -327,9 +328,11 @@ class TelegramTransport:
         is_group = not event.is_private
         mentions = self._mentions_me(message)
         replies = self._replies_to_me(chat_id, message)
-        if is_group and not (mentions or replies):
-            return None
         text = message.message or ""
+        # An answer to an approval question (`yes CODE`) needs no mention: the bridge checks
+        # who sent it.
+        if is_group and not (mentions or replies) and parse_answer(text) is None:
+            return None
         media_paths = await self._save_media(chat_id, message)
         if not text.strip() and not media_paths:
             return None

@@ -20,6 +20,7 @@ SERVERS: dict[str, str] = {
     "monitoring-tools": "servers.monitoring",
     "context-tools": "servers.context",
     "development-tools": "servers.development",
+    "approval-tools": "servers.approvals",
 }
 
 

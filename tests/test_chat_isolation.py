@@ -69,6 +69,8 @@ NO_CHAT_DATA = {
     ("social-tools", "search_current_info"),
     ("notion-tools", "query_notion_projects"),
     ("notion-tools", "list_notion_workspaces"),
+    # Writes only its own chat's question (the chat from the token) and reads no chat's data.
+    ("approval-tools", "approve_tool_use"),
 }
 
 

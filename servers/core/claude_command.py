@@ -36,6 +36,7 @@ class ClaudeRun:
     allowed_tools: Sequence[str] = ()
     disallowed_tools: Sequence[str] = ()  # added to protected_path_rules(), never replacing them
     append_system_prompt: str | None = None
+    permission_prompt_tool: str | None = None  # mcp__<server>__<tool> asked about other tools
     workdir: Path | None = None
     timeout_seconds: float | None = None
     env: Mapping[str, str] | None = None
@@ -77,6 +78,8 @@ def build_argv(claude_bin: str, run: ClaudeRun) -> list[str]:
         argv += ["--disallowedTools", ",".join(run.disallowed_tools)]
     if run.append_system_prompt:
         argv += ["--append-system-prompt", run.append_system_prompt]
+    if run.permission_prompt_tool:
+        argv += ["--permission-prompt-tool", run.permission_prompt_tool]
     return argv
 
 

@@ -4,7 +4,7 @@ Each version is a list of statements run in one transaction. Versions are never 
 landed; a change is a new version. Reserved numbers keep parallel work from colliding:
 1 foundation (messages, processes), 2 links (social-tools), 3 tool calls and Claude Code sessions
 (monitoring), 4 bridge (inbox, chat sessions, outbox), 5 daemon (daydream sessions, promises),
-6 issued bearer tokens (auth).
+6 issued bearer tokens (auth), 7 approvals.
 """
 
 from __future__ import annotations
@@ -258,5 +258,41 @@ MIGRATIONS: dict[int, list[str]] = {
             revoked_at REAL
         ) WITHOUT ROWID
         """,
+    ],
+    # 7: approvals: each question a run asked its chat (who answered what, when) and the
+    # "allow for this session" grants, ended when the chat starts a new session.
+    7: [
+        """
+        CREATE TABLE approvals (
+            id INTEGER PRIMARY KEY,
+            code TEXT NOT NULL UNIQUE,
+            chat_id INTEGER NOT NULL,
+            tool_name TEXT NOT NULL,
+            input_preview TEXT NOT NULL DEFAULT '',
+            tool_use_id TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL CHECK (status IN ('pending', 'allowed', 'denied', 'expired')),
+            decided_by INTEGER,
+            decided_by_name TEXT NOT NULL DEFAULT '',
+            scope TEXT NOT NULL DEFAULT '' CHECK (scope IN ('', 'once', 'session', 'policy')),
+            reason TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            asked_at REAL,
+            decided_at REAL,
+            told_at REAL
+        )
+        """,
+        "CREATE INDEX approvals_open ON approvals (status, asked_at)",
+        "CREATE INDEX approvals_by_chat ON approvals (chat_id, created_at)",
+        """
+        CREATE TABLE approval_grants (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL,
+            tool_name TEXT NOT NULL,
+            approval_id INTEGER NOT NULL REFERENCES approvals (id),
+            created_at REAL NOT NULL,
+            ended_at REAL
+        )
+        """,
+        "CREATE INDEX approval_grants_live ON approval_grants (chat_id, tool_name, ended_at)",
     ],
 }

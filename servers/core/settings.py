@@ -209,6 +209,25 @@ class Settings(BaseSettings):
         default=None,
         description="Persona appended to Claude Code's system prompt (default: bridge/persona.md).",
     )
+    # --- approvals: a bridge run asks its chat before using a tool it is not allowed up front ---
+    approvals: Literal["on", "off"] = Field(
+        default="on",
+        description='"off": tools not allowed up front are denied without asking (as before).',
+    )
+    approval_timeout_seconds: float = Field(
+        default=300.0, gt=0, le=3600, description="How long a question waits for an answer."
+    )
+    approval_on_timeout: Literal["deny", "allow"] = Field(
+        default="deny", description="What no answer within the timeout means."
+    )
+    approval_never_ask: list[str] = Field(
+        default_factory=list,
+        description="Tools allowed without asking: exact names or `mcp__<server>` prefixes.",
+    )
+    approval_always_deny: list[str] = Field(
+        default_factory=list,
+        description="Tools refused without asking (wins over every allow): names or prefixes.",
+    )
 
     # --- Telegram streaming: send budgets, receipts, media, catch-up ---
     telegram_per_chat_per_second: int = Field(
