@@ -219,6 +219,25 @@ async def test_a_run_refuses_to_start_without_bwrap_unless_the_sandbox_is_off(
     assert outcome.ok and outcome.text == "Echo: hello"
 
 
+async def test_a_bwrap_that_cannot_set_the_sandbox_up_is_a_config_error(
+    store, tmp_path, monkeypatch
+):
+    """Where user namespaces are off, bwrap itself fails: the run says so, not "no answer"."""
+    install_fake_claude(tmp_path / "bin", monkeypatch)
+    failing = tmp_path / "bwrap"
+    failing.write_text(
+        "#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n"
+    )
+    failing.chmod(0o755)
+    configure(monkeypatch, VALOR_BWRAP_BIN=str(failing))
+    outcome = await ClaudeRunner(store).run(ClaudeRun(prompt="hello", chat_id=5))
+    assert not outcome.ok and outcome.error.category is Category.CONFIG
+    assert "sandbox could not start" in outcome.error.detail
+    assert "No permissions to creating new namespace" in outcome.error.detail
+    assert "VALOR_SANDBOX=off" in outcome.error.detail
+    assert sandbox.start_failure("claude: some other failure") is None
+
+
 def test_an_unsandboxed_start_is_logged_as_a_warning(monkeypatch, caplog):
     configure(monkeypatch, VALOR_SANDBOX="off")
     monkeypatch.setattr(sandbox, "_logged_mode", False)

@@ -312,18 +312,9 @@ class ResidentClaude:
             returncode = self._proc.returncode if self._proc is not None else None
             outcome.error = classify_failure(outcome.result, returncode, outcome.stderr_tail)
             sandboxed = self._launch is not None and self._launch.sandboxed
-            if (
-                sandboxed
-                and outcome.result is None
-                and sandbox.is_sandbox_failure(outcome.stderr_tail)
-            ):
-                outcome.error = ValorError(
-                    Category.CONFIG,
-                    "The sandbox could not start Claude Code: "
-                    f"{outcome.stderr_tail.strip().splitlines()[-1][:300]}. Check that "
-                    "bubblewrap works here (user namespaces enabled), or set "
-                    "VALOR_SANDBOX=off to allow unsandboxed runs.",
-                )
+            failure = sandbox.start_failure(outcome.stderr_tail) if sandboxed else None
+            if outcome.result is None and failure is not None:
+                outcome.error = failure
         if self.alive:
             self.rss_mb = tree_rss_mb(self.pid or 0)
         self._last_status = outcome.status

@@ -201,18 +201,9 @@ class ClaudeRunner:
         outcome.seconds = time.monotonic() - started
         if outcome.status not in ("cancelled", "timeout"):
             self._conclude(outcome, proc.returncode, run)
-            if (
-                launch.sandboxed
-                and outcome.result is None
-                and sandbox.is_sandbox_failure(outcome.stderr_tail)
-            ):
-                outcome.error = ValorError(
-                    Category.CONFIG,
-                    "The sandbox could not start Claude Code: "
-                    f"{outcome.stderr_tail.strip().splitlines()[-1][:300]}. Check that "
-                    "bubblewrap works here (user namespaces enabled), or set "
-                    "VALOR_SANDBOX=off to allow unsandboxed runs.",
-                )
+            failure = sandbox.start_failure(outcome.stderr_tail) if launch.sandboxed else None
+            if outcome.result is None and failure is not None:
+                outcome.error = failure
         return outcome
 
     def _after_sandboxed_run(self, run: ClaudeRun, spool: Path, outcome: RunOutcome) -> None:

@@ -324,6 +324,18 @@ def bwrap_argv(bwrap: str, plan: Sequence[Mount], workdir: Path, argv: Sequence[
     return [*command, "--chdir", str(_real(workdir)), "--", *argv]
 
 
+def start_failure(stderr: str) -> ValorError | None:
+    """bwrap's own failure to set the sandbox up, as a [config] error saying what to do."""
+    if not is_sandbox_failure(stderr):
+        return None
+    return ValorError(
+        Category.CONFIG,
+        "The sandbox could not start Claude Code: "
+        f"{stderr.strip().splitlines()[-1][:300]}. Check that bubblewrap works here (user "
+        "namespaces enabled), or set VALOR_SANDBOX=off to allow unsandboxed runs.",
+    )
+
+
 def is_sandbox_failure(stderr: str) -> bool:
     """bwrap itself failed to set the sandbox up (its messages start with ``bwrap:``)."""
     lines = stderr.strip().splitlines()
