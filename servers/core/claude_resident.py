@@ -42,7 +42,6 @@ from servers.core.claude_events import (
     InitEvent,
     MalformedLine,
     ResultEvent,
-    TextEvent,
     UnknownEvent,
     parse_stream_line,
 )
@@ -51,7 +50,8 @@ from servers.core.claude_runner import (
     EventHandler,
     RunOutcome,
     classify_failure,
-    failed_servers,
+    forward_event,
+    record_event,
     require_claude_bin,
     resume_failed,
     start_launched,
@@ -407,30 +407,12 @@ class ResidentClaude:
         texts: list[str],
         on_event: EventHandler | None,
     ) -> None:
-        if isinstance(event, MalformedLine):
-            outcome.malformed_lines += 1
-            log.warning("unparsable Claude Code output line: %s", event.error)
-        elif isinstance(event, UnknownEvent):
-            outcome.unknown_events += 1
-        elif isinstance(event, InitEvent):
-            outcome.init = event
-            self.session_id = event.session_id or self.session_id
-            outcome.session_id = self.session_id
-            outcome.failed_servers = failed_servers(event, self.run.expected_servers)
-            if outcome.failed_servers:
-                log.warning("MCP servers not connected: %s", outcome.failed_servers)
+        # The turn's outcome starts from the process's session; init and result may move it.
+        record_event(event, outcome, texts, self.run.expected_servers)
+        self.session_id = outcome.session_id
+        if isinstance(event, InitEvent):
             self._record_session(event.session_id)
-        elif isinstance(event, TextEvent):
-            texts.append(event.text)
-        elif isinstance(event, ResultEvent):
-            outcome.result = event
-            self.session_id = event.session_id or self.session_id
-            outcome.session_id = self.session_id
-        if on_event is not None:
-            try:
-                await on_event(event)
-            except Exception:  # a display failure must not end the turn
-                log.exception("event handler failed")
+        await forward_event(on_event, event)
 
     async def _interrupt(self) -> None:
         """Ask Claude Code to end the running turn (its ``result`` follows)."""

@@ -239,29 +239,10 @@ class ClaudeRunner:
             if not raw:
                 break
             for event in parse_stream_line(raw.decode("utf-8", errors="replace")):
-                if isinstance(event, MalformedLine):
-                    outcome.malformed_lines += 1
-                    log.warning("unparsable Claude Code output line: %s", event.error)
-                elif isinstance(event, UnknownEvent):
-                    outcome.unknown_events += 1
-                elif isinstance(event, InitEvent):
-                    outcome.init = event
-                    outcome.session_id = event.session_id or outcome.session_id
-                    outcome.failed_servers = failed_servers(event, run.expected_servers)
-                    if outcome.failed_servers:
-                        log.warning("MCP servers not connected: %s", outcome.failed_servers)
-                    if sandboxed_in is not None and event.session_id:
-                        self._record_session(proc.pid, event.session_id, run, sandboxed_in)
-                elif isinstance(event, TextEvent):
-                    texts.append(event.text)
-                elif isinstance(event, ResultEvent):
-                    outcome.result = event
-                    outcome.session_id = event.session_id or outcome.session_id
-                if on_event is not None:
-                    try:
-                        await on_event(event)
-                    except Exception:  # a display failure must not end the run
-                        log.exception("event handler failed")
+                record_event(event, outcome, texts, run.expected_servers)
+                if isinstance(event, InitEvent) and sandboxed_in is not None and event.session_id:
+                    self._record_session(proc.pid, event.session_id, run, sandboxed_in)
+                await forward_event(on_event, event)
         outcome.text = texts[-1] if texts else ""
 
     def _record_session(self, root_pid: int, session_id: str, run: ClaudeRun, cwd: Path) -> None:
@@ -344,6 +325,39 @@ async def start_launched(
         )
         registered = True
     return StartedProcess(proc, create_time, registered)
+
+
+def record_event(
+    event: Event, outcome: RunOutcome, texts: list[str], expected_servers: Sequence[str]
+) -> None:
+    """What one stream-json event says about the run, kept in ``outcome``; the assistant's
+    texts are collected in ``texts``. Shared by one-shot runs and resident turns."""
+    if isinstance(event, MalformedLine):
+        outcome.malformed_lines += 1
+        log.warning("unparsable Claude Code output line: %s", event.error)
+    elif isinstance(event, UnknownEvent):
+        outcome.unknown_events += 1
+    elif isinstance(event, InitEvent):
+        outcome.init = event
+        outcome.session_id = event.session_id or outcome.session_id
+        outcome.failed_servers = failed_servers(event, expected_servers)
+        if outcome.failed_servers:
+            log.warning("MCP servers not connected: %s", outcome.failed_servers)
+    elif isinstance(event, TextEvent):
+        texts.append(event.text)
+    elif isinstance(event, ResultEvent):
+        outcome.result = event
+        outcome.session_id = event.session_id or outcome.session_id
+
+
+async def forward_event(on_event: EventHandler | None, event: Event) -> None:
+    """Hand ``event`` to the caller's handler; a display failure must not end the run."""
+    if on_event is None:
+        return
+    try:
+        await on_event(event)
+    except Exception:
+        log.exception("event handler failed")
 
 
 def resume_failed(outcome: RunOutcome) -> bool:
