@@ -4,7 +4,7 @@ A real bridge (in-memory transport, Valor's tools hosted over HTTP on loopback) 
 HTTP client with a chat token, calling approve_tool_use as Claude Code does. A "person" answers
 `yes CODE` the moment the question arrives, so everything measured is Valor's overhead:
 
-  ask    the tool call starting → the question sent to the chat (tool, store, bridge poll)
+  ask    the tool call starting → the question sent to the chat (tool, store, bridge wake-up)
   answer the answer handed to the bridge → the tool's result back at the client
   total  both (target: ≤ 50 ms median)
 

@@ -60,7 +60,7 @@ def definition(server: str, tool) -> dict:
     return {
         "name": f"mcp__{server}__{tool.name}",
         "description": tool.description or "",
-        "input_schema": tool.inputSchema,
+        "input_schema": tool.input_schema,
     }
 
 
@@ -71,15 +71,18 @@ def tokens_of(value) -> int:
 
 
 def seed() -> None:
-    """Messages a typical chat has: 300 over two weeks, a few about billing."""
-    from servers.core import history
+    """What a typical chat has: 300 messages over two weeks (a few about billing), saved links,
+    promises, screenshots and a day of tool calls."""
+    from servers.core import history, links, promises, screenshots
     from servers.core.history import Message
+    from servers.core.settings import get_settings
     from servers.core.store import get_store
 
+    store = get_store()
     now = time.time()
     topics = ["billing service", "deploy", "lunch", "the flaky test", "Friday's demo", "invoices"]
     history.record_messages(
-        get_store(),
+        store,
         [
             Message(
                 CHAT,
@@ -93,6 +96,25 @@ def seed() -> None:
             for n in range(1, 301)
         ],
     )
+    for n, topic in enumerate(topics):
+        url = f"https://example.com/{n}"
+        summary = f"Notes on the {topic} for the release: what changed and what is left."
+        links._upsert(store, url, url, None, f"The {topic}", summary, [topic], "extractive", "")
+    for topic in topics[:4]:
+        promises.create_promise(store, None, f"Look into the {topic}", "research", None)
+    shots = screenshots.chat_screenshots_folder(get_settings(), None) / "release"
+    shots.mkdir(mode=0o700)
+    for n in range(3):
+        (shots / f"page-{n}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40_000 * (n + 1)))
+    with store.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO tool_calls (server, tool, success, duration_ms, called_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                ("telegram-tools", "search_conversation_history", n % 9 != 0, 30.0 + n, now - n)
+                for n in range(60)
+            ],
+        )
 
 
 CONVERSATION = [
@@ -108,7 +130,9 @@ TYPICAL = {
     "list_notion_workspaces": {},
     "daydream_history": {},
     "list_promises": {},
+    "promise_status": {"promise_id": 1},
     "system_health": {},
+    "cleanup_resources": {"dry_run": True},
     "export_metrics": {},
     "optimize_context": {"messages": CONVERSATION, "max_tokens": 800},
     "context_health": {"messages": CONVERSATION, "max_tokens": 800},

@@ -162,7 +162,8 @@ async def run_console(chat_id: int = 0) -> None:
     transport = ConsoleTransport(chat_id)
     bridge = Bridge(transport, reply_factory=console_reply, authorize_all=True)
     sys.stderr.write(
-        "Valor chat: type a message and press Enter; /stop, /new, /status; Ctrl-D to quit.\n"
+        "Valor chat: type a message and press Enter; /stop (/stop all), /new, /status, /cost; "
+        "Ctrl-D to quit.\n"
         "Answer a 🔐 question with yes CODE, always CODE (this session) or no CODE.\n"
     )
     await bridge.run()

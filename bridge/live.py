@@ -10,7 +10,11 @@ Edits do not notify, so the final answer goes out as fresh message(s) whenever a
 shown, and the preview is removed (or, on a transport that cannot delete, reduced to the tool
 summary). The final is retried through any number of flood waits and, for transient failures,
 for ``final_retry_seconds``; only then does ``finish`` raise, so the pipeline keeps the inbox row
-open and nothing is silently lost.
+open and nothing is silently lost. Parts already delivered are never sent twice by a retry, and a
+file that cannot be uploaded is reported in the chat instead of failing an answer already out.
+
+Forum topics: every part, file and typing action goes to the topic the question came from.
+Flood waits hold what Telethon holds: the Telegram method, for every chat (``bridge.rate``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from servers.core.media import sendable_file
 from servers.core.safe_files import UnsafeFile
 
 if TYPE_CHECKING:
+    from bridge.inbox import DeliveryLog
     from servers.core.settings import Settings
 
 log = logging.getLogger("valor.bridge.live")
@@ -57,6 +62,16 @@ _TOOL_ICONS = {
     "read": "📄",
 }
 _MAX_PROGRESS_LINES = 3
+# The Telegram methods each kind of call uses: a flood wait on one holds it for every chat.
+SEND_METHODS = ("SendMessageRequest",)
+EDIT_METHODS = ("EditMessageRequest",)
+DELETE_METHODS = ("DeleteMessagesRequest",)
+FILE_METHODS = (
+    "SendMediaRequest",
+    "UploadMediaRequest",
+    "SaveFilePartRequest",
+    "SaveBigFilePartRequest",
+)
 _TYPING_EVERY = 4.5  # Telegram shows "typing" for about five seconds
 
 
@@ -86,10 +101,14 @@ class LiveReply(ReplySink):
         allowed_file_roots: Sequence[Path] = (),
         retry_backoff: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        topic_id: int | None = None,
     ):
         self.transport = transport
         self.chat_id = chat_id
         self.reply_to = reply_to
+        if topic_id is None and hasattr(transport, "topic_of"):
+            topic_id = transport.topic_of(chat_id, reply_to)
+        self.topic_id = topic_id
         self.rate = rate
         self.is_group = is_group_chat(chat_id) if is_group is None else is_group
         self.typing = typing
@@ -111,11 +130,23 @@ class LiveReply(ReplySink):
         self.edits_sent = 0
         self.flood_waits = 0
         self.delivered: list[SentMessage] = []
+        self._parts_out = 0  # parts of the final answer already delivered (never sent twice)
+        self._files_out: set[Path] = set()
         self._attached: list[Path] = []
+        self._record: DeliveryLog | None = None
+
+    def track(self, record: DeliveryLog) -> None:
+        """Keep delivery progress in the store: parts a stopped bridge already sent are not
+        sent again by the next one (``bridge.inbox.DeliveryLog``)."""
+        self._record = record
+        self._parts_out = max(self._parts_out, record.parts_sent)
+        self._files_out.update(record.files_sent)
 
     @property
     def message_id(self) -> int | None:
         """The first message of the final answer (what the pipeline records as the reply)."""
+        if self._record is not None and self._record.message_ids:
+            return self._record.message_ids[0]  # possibly sent by an earlier bridge
         return self.delivered[0].message_id if self.delivered else None
 
     def attach_files(self, paths: Sequence[Path]) -> None:
@@ -139,26 +170,69 @@ class LiveReply(ReplySink):
 
     async def finish(self, final_text: str, files: list[Path] | None = None) -> None:
         await self._stop_preview()
+        wanted = [*self._attached, *(files or [])]
+        if self._record is not None:  # an answer an earlier bridge began wins
+            final_text, wanted = self._record.begin(final_text, wanted)
         parts = render(final_text) if final_text.strip() else []
-        uploads = self._checked_files([*self._attached, *(files or [])])
+        uploads = self._checked_files(wanted)
         if not parts and not uploads:
             parts = [FormattedText("(Valor finished without a written answer.)")]
         for index, part in enumerate(parts):
+            if index < self._parts_out:
+                continue  # delivered by an earlier attempt of this finish
+            # The first part answers the question; the rest follow it in the same topic.
             reply_to = self.reply_to if index == 0 else None
             sent = await self._deliver(
                 PRIORITY_FINAL,
-                lambda p=part, r=reply_to: self.transport.send_text(self.chat_id, p, reply_to=r),
+                lambda p=part, r=reply_to: self.transport.send_text(
+                    self.chat_id, p, reply_to=r, **self._topic()
+                ),
+                SEND_METHODS,
             )
             self.delivered.append(sent)
+            self._parts_out = index + 1
+            if self._record is not None:
+                self._record.part_sent(index, sent.message_id)
+        failed_files = []
         for path in uploads:
-            sent = await self._deliver(
-                PRIORITY_FILE,
-                lambda p=path: self.transport.send_file(self.chat_id, p, reply_to=self.reply_to),
-            )
-            self.delivered.append(sent)
+            if path in self._files_out:
+                continue
+            try:
+                sent = await self._deliver(
+                    PRIORITY_FILE,
+                    lambda p=path: self.transport.send_file(
+                        self.chat_id, p, reply_to=self.reply_to, **self._topic()
+                    ),
+                    FILE_METHODS,
+                )
+            except Exception as exc:  # the answer is out: say so rather than send it again
+                log.warning(
+                    "could not upload %s to chat %s: %s",
+                    path.name,
+                    self.chat_id,
+                    describe_exception(exc),
+                )
+                failed_files.append(path.name)
+            else:
+                self.delivered.append(sent)
+            self._files_out.add(path)
+            if self._record is not None:
+                self._record.file_sent(path)
+        if failed_files:
+            note = "⚠️ Could not send: " + ", ".join(failed_files)
+            with contextlib.suppress(Exception):
+                await self._deliver(
+                    PRIORITY_FINAL,
+                    lambda: self.transport.send_text(self.chat_id, note, **self._topic()),
+                    SEND_METHODS,
+                )
         if self._live is not None:
             # Tidying waits for this chat's next slot; the pipeline need not wait for it.
             self._tidy_task = asyncio.create_task(self._remove_preview())
+
+    def _topic(self) -> dict[str, int]:
+        """The topic keyword for transports that know topics (only passed when there is one)."""
+        return {"topic_id": self.topic_id} if self.topic_id is not None else {}
 
     async def settled(self) -> None:
         """Wait until the preview is tidied away (tests, shutdown)."""
@@ -194,8 +268,9 @@ class LiveReply(ReplySink):
                 return
             if (self._text, self._progress) == self._shown_state:
                 continue  # nothing new: do not spend a slot
+            methods = SEND_METHODS if self._live is None else EDIT_METHODS
             slot = await self.rate.acquire(
-                self.chat_id, is_group=self.is_group, priority=PRIORITY_EDIT
+                self.chat_id, is_group=self.is_group, priority=PRIORITY_EDIT, methods=methods
             )
             body = self._body()  # the newest state, taken after waiting: coalescing
             if self._done or not body.strip() or body.plain() == self._shown:
@@ -205,7 +280,7 @@ class LiveReply(ReplySink):
             try:
                 if self._live is None:
                     self._live = await self.transport.send_text(
-                        self.chat_id, body, reply_to=self.reply_to
+                        self.chat_id, body, reply_to=self.reply_to, **self._topic()
                     )
                 else:
                     await self.transport.edit_text(self._live, body)
@@ -216,6 +291,12 @@ class LiveReply(ReplySink):
                 if exc.category is Category.RATE_LIMIT:
                     self._flood(exc)
                     self._changed.set()  # try again once the chat may send
+                elif exc.category is Category.INPUT and self._live is not None:
+                    # The preview is gone (deleted by the user) or may not be edited: stop
+                    # previewing rather than failing on every change; the final still comes.
+                    log.info("preview in chat %s cannot be edited: %s", self.chat_id, exc)
+                    self._live = None
+                    return
                 else:
                     log.warning("preview update failed in chat %s: %s", self.chat_id, exc)
             except Exception as exc:  # a preview is best effort; the final answer is not
@@ -245,7 +326,10 @@ class LiveReply(ReplySink):
         live, self._live = self._live, None
         delete = getattr(self.transport, "delete_message", None)  # not in every transport
         slot = await self.rate.acquire(
-            self.chat_id, is_group=self.is_group, priority=PRIORITY_CLEANUP
+            self.chat_id,
+            is_group=self.is_group,
+            priority=PRIORITY_CLEANUP,
+            methods=DELETE_METHODS if delete is not None else EDIT_METHODS,
         )
         try:
             if delete is not None:
@@ -268,20 +352,25 @@ class LiveReply(ReplySink):
             return
         self._last_typing = now
         try:
-            await self.transport.signal(self.chat_id, "typing")
+            await self.transport.signal(self.chat_id, "typing", message_id=self.reply_to)
         except Exception as exc:  # a courtesy, never worth failing a reply
             log.debug("typing signal failed: %s", describe_exception(exc))
 
     # --- delivery that does not give up ---------------------------------------------------
     def _flood(self, exc: ValorError) -> None:
         self.flood_waits += 1
-        self.rate.flood_wait(self.chat_id, exc.retry_after if exc.retry_after else 1.0)
+        seconds = exc.retry_after if exc.retry_after else 1.0
+        self.rate.flood_wait(self.chat_id, seconds, method=getattr(exc, "flood_key", None))
 
-    async def _deliver(self, priority: int, call: Callable[[], object]) -> SentMessage:
+    async def _deliver(
+        self, priority: int, call: Callable[[], object], methods: tuple[str, ...] = ()
+    ) -> SentMessage:
         started = self._clock()
         backoff = self.retry_backoff
         while True:
-            slot = await self.rate.acquire(self.chat_id, is_group=self.is_group, priority=priority)
+            slot = await self.rate.acquire(
+                self.chat_id, is_group=self.is_group, priority=priority, methods=methods
+            )
             try:
                 return await call()  # type: ignore[misc]
             except ValorError as exc:

@@ -22,6 +22,7 @@ class ChatMessage:
     reply_to: int | None
     history: list[str] = field(default_factory=list)
     file: Path | None = None
+    topic_id: int | None = None  # the forum topic it was posted in, if any
 
     @property
     def text(self) -> str:
@@ -34,6 +35,7 @@ class MemoryTransport:
         self._ids = itertools.count(first_message_id)
         self.sent: list[ChatMessage] = []
         self.signals: list[tuple[int, str, int | None]] = []
+        self.signal_topics: list[int | None] = []  # the topic of each signal, in order
         self._changed = asyncio.Condition()
 
     # -- the test's side -----------------------------------------------------------------------
@@ -68,9 +70,9 @@ class MemoryTransport:
             yield message
 
     async def send_text(
-        self, chat_id: int, text: str, *, reply_to: int | None = None
+        self, chat_id: int, text: str, *, reply_to: int | None = None, topic_id: int | None = None
     ) -> SentMessage:
-        message = ChatMessage(chat_id, next(self._ids), reply_to, [text])
+        message = ChatMessage(chat_id, next(self._ids), reply_to, [text], topic_id=topic_id)
         self.sent.append(message)
         await self._notify()
         return SentMessage(chat_id, message.message_id)
@@ -84,15 +86,26 @@ class MemoryTransport:
         raise LookupError(f"no message {message.message_id} in chat {message.chat_id}")
 
     async def send_file(
-        self, chat_id: int, path: Path, *, caption: str = "", reply_to: int | None = None
+        self,
+        chat_id: int,
+        path: Path,
+        *,
+        caption: str = "",
+        reply_to: int | None = None,
+        topic_id: int | None = None,
     ) -> SentMessage:
-        message = ChatMessage(chat_id, next(self._ids), reply_to, [caption], file=Path(path))
+        message = ChatMessage(
+            chat_id, next(self._ids), reply_to, [caption], file=Path(path), topic_id=topic_id
+        )
         self.sent.append(message)
         await self._notify()
         return SentMessage(chat_id, message.message_id)
 
-    async def signal(self, chat_id: int, kind: str, *, message_id: int | None = None) -> None:
+    async def signal(
+        self, chat_id: int, kind: str, *, message_id: int | None = None, topic_id: int | None = None
+    ) -> None:
         self.signals.append((chat_id, kind, message_id))
+        self.signal_topics.append(topic_id)
 
 
 def incoming(

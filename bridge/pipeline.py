@@ -8,7 +8,14 @@
   previous bridge did not finish are processed again; a redelivered message is a duplicate.
 - One FIFO per chat keeps order; a semaphore (``VALOR_MAX_CONCURRENT_RUNS``) bounds runs overall.
 - Tools are hosted once over HTTP on loopback; each run gets a config with a token for its chat.
-- Commands: ``/stop`` ends the running reply, ``/new`` starts a fresh session, ``/status``.
+- Commands: ``/stop`` ends the running reply (``/stop all``: the chat's waiting messages too),
+  ``/new`` starts a fresh session, ``/status``, ``/cost`` (the chat's spend today and the caps).
+- Spending (``servers.core.spending``): each run's cost is stored with its time; past a daily
+  cap a message is held (its row stays open) and released when the day resets or the cap rises;
+  the per-run cap is Claude Code's own ``--max-budget-usd``.
+- Buttons: a transport that can show them (a Telegram bot, ``ButtonTransport``) gets approval
+  questions with buttons and a Stop button on the live message; a press arrives as a message
+  and passes the same checks as typed text.
 - Approvals: a run asks approval-tools about tools not allowed up front
   (``servers.core.approvals``); the bridge puts each pending question to its chat and an
   allowlisted user's ``yes CODE`` / ``always CODE`` / ``no CODE`` answers it at once.
@@ -35,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import inbox
 from bridge.reply import editing_reply
-from bridge.transport import IncomingMessage, ReplySink, Transport
-from servers.core import approvals, history, outbox
+from bridge.transport import Button, ButtonTransport, IncomingMessage, ReplySink, Transport
+from servers.core import approvals, history, outbox, spending
 from servers.core.claude_command import ClaudeRun
 from servers.core.claude_events import (
     ApiRetryEvent,
@@ -65,10 +72,11 @@ log = logging.getLogger("valor.bridge")
 
 ReplyFactory = Callable[[Transport, int, int | None], ReplySink]
 PROCESS_KIND = "claude-bridge"
-COMMANDS = ("/stop", "/new", "/status")
+COMMANDS = ("/stop", "/new", "/status", "/cost")
 PERSONA_PATH = Path(__file__).with_name("persona.md")
 OUTBOX_POLL_SECONDS = 1.0
-APPROVALS_POLL_SECONDS = 0.02  # a question reaches the chat this soon after the tool asks
+APPROVALS_POLL_SECONDS = 0.02  # while a run may ask: a question from another process this soon
+APPROVALS_MAX_BACKOFF_SECONDS = 5.0  # a failing store or transport is retried at most this late
 MAX_ATTEMPTS = 3  # runs of one message cut short by a bridge stop or crash before giving up
 FRESH_SESSION_NOTICE = (
     "The previous conversation session could not be resumed, so this reply started a fresh session."
@@ -154,6 +162,7 @@ class Bridge:
         )
         # chat → (session, its running total_cost_usd): a turn's cost is the difference
         self._session_costs: dict[int, tuple[str, float]] = {}
+        self._deliveries: dict[int, inbox.DeliveryLog] = {}  # rows being answered, by inbox id
         # Tools already hosted by this process (the daemon) are reused with their secret: the
         # scope secret is process-wide, so a second host here would replace the daemon's.
         if tools_base_url is not None and tools_secret is None:
@@ -164,6 +173,7 @@ class Bridge:
         self._lock_file: Any = None
         self._outbox_task: asyncio.Task[None] | None = None
         self._approvals_task: asyncio.Task[None] | None = None
+        self._approvals_wake: asyncio.Event | None = None  # set: the approvals loop looks now
         self._prepend_context = not workdir_has_context_hook(self.settings.workdir)
 
     def _load_persona(self) -> str:
@@ -313,6 +323,7 @@ class Bridge:
                 message.sender_id,
                 message.chat_id,
             )
+            await self._refuse_press(message)
             return "unauthorized"
         answer = approvals.parse_answer(message.text)
         if answer is not None:  # no mention needed in a group: it answers Valor's question
@@ -348,12 +359,21 @@ class Bridge:
     async def _command(self, command: str, message: IncomingMessage) -> None:
         chat = message.chat_id
         if command == "/stop":
+            everything = message.text.lower().split()[1:2] == ["all"]
             running = self._running.get(chat)
-            if running is None:
-                reply = "Nothing is running in this chat."
-            else:
+            if running is not None:
                 running.cancel.set()
+            cancelled = await self.cancel_queued(chat) if everything else 0
+            if running is None and not cancelled:
+                reply = "Nothing is running in this chat."
+            elif not everything:
                 reply = "Stopping the current reply."
+            else:
+                what = "Stopping the current reply" if running else "Nothing was running"
+                plural = "s" if cancelled != 1 else ""
+                reply = f"{what}; cancelled {cancelled} waiting message{plural}."
+        elif command == "/cost":
+            reply = spending.cost_text(spending.standing(self.store, self.settings, chat))
         elif command == "/new":
             inbox.forget_session(self.store, chat)
             approvals.end_session_grants(self.store, chat)  # "allow for this session" ends too
@@ -361,7 +381,37 @@ class Bridge:
             reply = "Fresh start: the next message begins a new session."
         else:
             reply = self.status_text(chat)
-        await self.transport.send_text(chat, reply, reply_to=message.message_id)
+        if message.button_press is not None and command == "/stop":
+            buttons = self._buttons()  # the Stop button: the presser's notice is enough
+            if buttons is not None:
+                await buttons.answer_button(message, reply)
+                return
+        await self._reply(message, reply)
+
+    async def _refuse_press(self, message: IncomingMessage) -> None:
+        """A stranger's button press changes nothing; only the presser is told."""
+        buttons = self._buttons()
+        if message.button_press is not None and buttons is not None:
+            with contextlib.suppress(Exception):
+                await buttons.answer_button(message, "Only an allowed user can answer this.")
+
+    async def cancel_queued(self, chat_id: int) -> int:
+        """``/stop all``: every message of the chat waiting for its turn (queued, or held back
+        by a spending cap) ends as cancelled, each answered "Cancelled."; returns how many."""
+        running = self._running.get(chat_id)
+        waiting = [i for i in self._queues.get(chat_id, ()) if not running or i != running.row.id]
+        waiting += [i for i, _ in spending.held(self.store, chat_id) if i not in waiting]
+        cancelled = 0
+        for row_id in waiting:
+            row = inbox.get_row(self.store, row_id)
+            if row is None or row.status != "pending":
+                continue
+            inbox.mark_finished(self.store, row_id, "cancelled", "/stop all")
+            spending.release(self.store, row_id)
+            cancelled += 1
+            with contextlib.suppress(Exception):  # the cancellation stands even if unsaid
+                await self.transport.send_text(chat_id, "Cancelled.", reply_to=row.message_id)
+        return cancelled
 
     def may_approve(self, message: IncomingMessage) -> bool:
         """Only an allowlisted user answers a question (in a group too, where any member may
@@ -375,6 +425,7 @@ class Bridge:
                 message.sender_id,
                 message.chat_id,
             )
+            await self._refuse_press(message)
             return "ignored"
         if not inbox.persist_incoming(self.store, message, status="command"):
             return "duplicate"
@@ -389,8 +440,25 @@ class Bridge:
             reply = f"Allowed {decided.tool_name} for this session."
         else:
             reply = f"Allowed {decided.tool_name} once."
-        await self.transport.send_text(message.chat_id, reply, reply_to=message.message_id)
+        await self._reply(message, reply)
         return "approval"
+
+    def _buttons(self) -> ButtonTransport | None:
+        """The transport, when it can show inline buttons (a Telegram bot)."""
+        transport = self.transport
+        if isinstance(transport, ButtonTransport) and transport.buttons_enabled():
+            return transport
+        return None
+
+    async def _reply(self, message: IncomingMessage, text: str) -> None:
+        """Answer a message, or a button press (a short notice to the presser, and the text in
+        the chat for everyone else)."""
+        buttons = self._buttons()
+        if message.button_press is None or buttons is None:
+            await self.transport.send_text(message.chat_id, text, reply_to=message.message_id)
+            return
+        await buttons.answer_button(message, text)
+        await self.transport.send_text(message.chat_id, f"{text} ({message.sender_name})")
 
     def _asks_approval(self) -> bool:
         return (
@@ -400,26 +468,63 @@ class Bridge:
         )
 
     async def _approvals_loop(self) -> None:
-        """Put each new question to its chat; tell a chat when one went unanswered."""
-        while True:
-            try:
-                await self.ask_pending_approvals()
-            except Exception as exc:  # a failed send is retried on the next tick
-                log.warning("approval questions failed: %s", describe_exception(exc))
-            await asyncio.sleep(APPROVALS_POLL_SECONDS)
+        """Put each new question to its chat; tell a chat when one went unanswered. Wakes when
+        a question is asked or expires in this process (the tools are hosted here), reads the
+        store every 20 ms only while a run that may ask is in flight, and backs off on
+        failures, logging once per streak."""
+        wake, unsubscribe = approvals.waker()
+        self._approvals_wake = wake
+        failures = 0
+        try:
+            while True:
+                wake.clear()
+                try:
+                    await self.ask_pending_approvals()
+                except Exception as exc:  # a failed send is retried after a pause
+                    failures += 1
+                    if failures == 1:
+                        log.warning(
+                            "approval questions failed (retrying): %s", describe_exception(exc)
+                        )
+                else:
+                    if failures:
+                        log.info("approval questions work again after %d failures", failures)
+                    failures = 0
+                if failures:
+                    pause: float | None = min(
+                        APPROVALS_MAX_BACKOFF_SECONDS, APPROVALS_POLL_SECONDS * 2**failures
+                    )
+                elif self._running and self._asks_approval():
+                    pause = APPROVALS_POLL_SECONDS
+                else:
+                    pause = None  # nothing can ask until a run starts (it wakes us)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), pause)
+        finally:
+            unsubscribe()
+            self._approvals_wake = None
 
     async def ask_pending_approvals(self) -> int:
         """Ask every unasked question and report every unanswered one; returns how many."""
         timeout = self.settings.approval_timeout_seconds
         done = 0
+        buttons = self._buttons()
         for approval in approvals.unasked(self.store):
-            await self.transport.send_text(
-                approval.chat_id, approvals.question_text(approval, timeout)
-            )
+            if buttons is not None:  # a bot: Allow once / Allow for this session / Deny
+                await buttons.send_buttons(
+                    approval.chat_id,
+                    approvals.question_text(approval, timeout, buttons=True),
+                    approval_buttons(approval.code),
+                )
+            else:
+                await self.transport.send_text(
+                    approval.chat_id, approvals.question_text(approval, timeout)
+                )
             approvals.mark_asked(self.store, approval.id)
             done += 1
         for approval in approvals.expired_untold(self.store):
-            meaning = "allowed" if self.settings.approval_on_timeout == "allow" else "denied"
+            allowed = approvals.on_timeout(self.settings, approval.chat_id) == "allow"
+            meaning = "allowed" if allowed else "denied"
             await self.transport.send_text(
                 approval.chat_id,
                 f"No answer about {approval.tool_name} ({approval.code}) within {timeout:.0f} s: "
@@ -470,6 +575,8 @@ class Bridge:
                         log.error(
                             "message %s failed in the bridge: %s", row_id, describe_exception(exc)
                         )
+                    finally:
+                        self._deliveries.pop(row_id, None)
                 queue.popleft()
         finally:
             if self._workers.get(chat_id) is asyncio.current_task():
@@ -482,6 +589,10 @@ class Bridge:
         if row is None or row.status not in inbox.OPEN_STATUSES:
             return
         sink = self.reply_factory(self.transport, row.chat_id, row.message_id)
+        record = self._track_delivery(row, sink)
+        if record is not None and record.answer is not None:
+            await self._resume_delivery(row, sink, record)  # the run is over; parts are missing
+            return
         if row.attempts >= MAX_ATTEMPTS:  # it stopped the bridge every time: do not loop on it
             await self._fail(
                 row,
@@ -491,12 +602,24 @@ class Bridge:
                 "failed",
             )
             return
+        if await self._held_by_spending(row):
+            return
         inbox.mark_running(self.store, row_id)
         running = RunningReply(row, asyncio.Event(), time.monotonic())
         self._running[row.chat_id] = running
+        if self._approvals_wake is not None:  # a run may ask: the loop starts reading the store
+            self._approvals_wake.set()
+        buttons = self._buttons()
+        if buttons is not None:  # a bot's live message carries Stop while the run lasts
+            buttons.show_stop_button(row.chat_id, row.message_id, True)
         try:
             with contextlib.suppress(Exception):
-                await self.transport.signal(row.chat_id, "typing")
+                # the message id lets a transport show typing in the message's forum topic
+                await self.transport.signal(row.chat_id, "typing", message_id=row.message_id)
+            heard = await self._hear(row, sink)
+            if heard is None:
+                return  # nothing left to answer; the chat was told why
+            row, sink = heard
             outcome = await self._run_claude(row, sink, running.cancel)
         except ValorError as exc:
             await self._fail(row, sink, exc.detail, "failed")
@@ -508,7 +631,79 @@ class Bridge:
             return
         finally:
             self._running.pop(row.chat_id, None)
+            if buttons is not None:
+                buttons.show_stop_button(row.chat_id, row.message_id, False)
         await self._deliver(row, sink, outcome)
+        await self._warn_spending(row.chat_id)
+
+    async def _hear(
+        self, row: inbox.InboxRow, sink: ReplySink
+    ) -> tuple[inbox.InboxRow, ReplySink] | None:
+        """Recordings become text before the run (bridge/attachments.py): the transcript joins
+        the prompt and the message's history entry (searchable, marked), and the answer starts
+        with a quote of what was heard. None: a recording alone could not be heard (the chat is
+        told, the file stays)."""
+        from bridge.attachments import QuotedReply, failure_text, first_hint, hear_recordings
+        from servers.core.transcription import ENABLE_HINT, is_audio
+
+        heard = await hear_recordings(row.media_paths, row.chat_id, self.settings)
+        if not (heard.transcripts or heard.failures or heard.unconfigured):
+            return row, sink
+        if heard.unconfigured and first_hint(self.settings, row.chat_id):
+            with contextlib.suppress(Exception):  # the run still goes on without the hint
+                await self.transport.send_text(row.chat_id, ENABLE_HINT, reply_to=row.message_id)
+        if heard.transcripts:
+            history.record_message(  # the same message again: its text is updated
+                self.store,
+                history.Message(
+                    row.chat_id,
+                    row.message_id,
+                    heard.with_transcripts(row.text),
+                    row.sender_name,
+                    row.sender_id,
+                    "in",
+                    row.sent_at,
+                ),
+            )
+        others = [p for p in row.media_paths if not is_audio(p)]
+        if heard.failures and not (heard.transcripts or row.text.strip() or others):
+            await self._fail(row, sink, failure_text(*heard.failures[0]), "failed")
+            return None
+        quote = heard.chat_quote()
+        row = dataclasses.replace(row, text=heard.prompt_text(row.text))
+        return row, QuotedReply(sink, quote) if quote else sink
+
+    async def _held_by_spending(self, row: inbox.InboxRow) -> bool:
+        """Past a daily spending cap the message is kept, not run: its row stays open with a
+        hold, the chat is told once, and ``release_held`` queues it again later."""
+        refusal = spending.refusal_text(spending.standing(self.store, self.settings, row.chat_id))
+        if refusal is None:
+            spending.release(self.store, row.id)
+            older = [i for i, _ in spending.held(self.store, row.chat_id) if i < row.id]
+            for older_id in older:  # kept from before the reset: answered first, in order
+                spending.release(self.store, older_id)
+                await self._process(older_id)
+            return await self._held_by_spending(row) if older else False
+        if spending.hold(self.store, row.id, row.chat_id, refusal):
+            log.info("chat %s is past a spending cap; message %s held", row.chat_id, row.id)
+            with contextlib.suppress(Exception):  # the hold stands; /cost tells it too
+                await self.transport.send_text(row.chat_id, refusal, reply_to=row.message_id)
+        return True
+
+    def release_held(self) -> int:
+        """Queue again the held messages whose chat is no longer past a cap (a new day, or a
+        raised cap); returns how many."""
+        released = 0
+        verdicts: dict[int, bool] = {}
+        for row_id, chat in spending.held(self.store):
+            if chat not in verdicts:
+                state = spending.standing(self.store, self.settings, chat)
+                verdicts[chat] = state.reached() is None
+            if verdicts[chat] and row_id not in self._queues.get(chat, ()):
+                spending.release(self.store, row_id)
+                self._enqueue(chat, row_id)
+                released += 1
+        return released
 
     async def _run_claude(
         self, row: inbox.InboxRow, sink: ReplySink, cancel: asyncio.Event
@@ -557,6 +752,7 @@ class Bridge:
             ],
             append_system_prompt=self.persona or None,
             permission_prompt_tool=approvals.PROMPT_TOOL if self._asks_approval() else None,
+            max_budget_usd=self.settings.budget_per_run_usd,
             env=self.claude_env,
             process_kind=PROCESS_KIND,
         )
@@ -647,6 +843,11 @@ class Bridge:
             outcome = await self._warm_turn(resident, request.prompt, block, on_event, cancel)
             outcome.fresh_session_notice = FRESH_SESSION_NOTICE
         self.warm.after_turn(resident)
+        cap = self.settings.budget_per_run_usd
+        if cap is not None and outcome.result and outcome.result.total_cost_usd >= cap / 2:
+            # A resident process's cap counts all its turns: renewed at half, each turn has
+            # at least half the per-run cap.
+            self.warm.discard(row.chat_id, "spent half the per-run budget")
         return resident, outcome
 
     async def _resident_for(self, request: ClaudeRun) -> ResidentClaude | None:
@@ -734,32 +935,53 @@ class Bridge:
         the UserPromptSubmit hook builds, from the same VALOR_HOOK_* settings."""
         from servers.core.context_markup import plain_block, recent_history
 
-        messages = recent_history(
-            self.store.connection(),
-            row.chat_id,
-            self.settings.hook_history_messages,
-            exclude_message_id=row.message_id,  # the prompt carries it
-        )
-        args = (
-            row.chat_id,
-            row.sender_name,
-            str(row.sender_id or ""),
-            messages,
-            self.settings.hook_context_max_tokens,
-        )
-        try:
-            from servers.core.context_opt import build_context_block
+        conn = self.store.connection()
+        try:  # the chat's memory and recent turns (servers/core/chat_memory.py)
+            from servers.core.chat_memory import chat_block
 
-            return build_context_block(*args)
+            return chat_block(
+                conn,
+                row.chat_id,
+                row.sender_name,
+                str(row.sender_id or ""),
+                max_messages=self.settings.hook_history_messages,
+                max_tokens=self.settings.hook_context_max_tokens,
+                exclude_message_id=row.message_id,  # the prompt carries it
+            )
         except Exception as exc:  # the optimizer is optional here: the plain block still works
             log.warning("context optimizer unavailable (%s); using the plain block", exc)
-            return plain_block(*args)
+            messages = recent_history(
+                conn,
+                row.chat_id,
+                self.settings.hook_history_messages,
+                exclude_message_id=row.message_id,
+            )
+            return plain_block(
+                row.chat_id,
+                row.sender_name,
+                str(row.sender_id or ""),
+                messages,
+                self.settings.hook_context_max_tokens,
+            )
 
     async def _deliver(self, row: inbox.InboxRow, sink: ReplySink, outcome: RunOutcome) -> None:
         cost = self._turn_cost(row.chat_id, outcome)
         if outcome.session_id and outcome.status in ("ok", "error"):
             duration = outcome.result.duration_ms if outcome.result else 0.0
             inbox.save_session(self.store, row.chat_id, outcome.session_id, cost, duration)
+        spending.record_spend(
+            self.store, row.chat_id, cost, session_id=outcome.session_id, inbox_id=row.id
+        )
+        if outcome.result is not None and outcome.result.subtype == spending.RUN_CAP_SUBTYPE:
+            await self._fail(
+                row,
+                sink,
+                f"Stopped: this reply reached the spending cap for one reply "
+                f"(${self.settings.budget_per_run_usd or 0:.2f}, VALOR_BUDGET_PER_RUN_USD) "
+                f"after ${cost:.2f}. Ask for a smaller step, or the operator can raise the cap.",
+                "failed",
+            )
+            return
         if not outcome.ok:
             error = outcome.error or ValorError(Category.INTERNAL, "The reply failed.")
             if outcome.status == "cancelled":
@@ -798,6 +1020,14 @@ class Bridge:
         )
         inbox.mark_finished(self.store, row.id, "done")
 
+    async def _warn_spending(self, chat_id: int) -> None:
+        """After a reply: warn the chat once per day and cap past the warning share."""
+        if self.settings.budget_per_chat_day_usd or self.settings.budget_per_day_usd:
+            state = spending.standing(self.store, self.settings, chat_id)
+            for warning in spending.due_warnings(self.store, state):
+                with contextlib.suppress(Exception):  # a warning is advice; /cost repeats it
+                    await self.transport.send_text(chat_id, warning)
+
     def _turn_cost(self, chat_id: int, outcome: RunOutcome) -> float:
         """This turn's cost: Claude Code reports the session's running total (it continues
         across ``--resume``), so the difference from the chat's previous total in the same
@@ -811,7 +1041,47 @@ class Bridge:
             return total - previous[1]
         return total
 
+    def _track_delivery(self, row: inbox.InboxRow, sink: ReplySink) -> inbox.DeliveryLog | None:
+        """Sinks that can keep their progress in the store (bridge/live.py) do so per row."""
+        track = getattr(sink, "track", None)
+        if track is None:
+            return None
+        record = inbox.DeliveryLog(self.store, row.id)
+        track(record)
+        self._deliveries[row.id] = record
+        return record
+
+    async def _resume_delivery(
+        self, row: inbox.InboxRow, sink: ReplySink, record: inbox.DeliveryLog
+    ) -> None:
+        """An earlier bridge stopped while sending this answer: send only what is missing."""
+        if row.attempts >= 2 * MAX_ATTEMPTS:  # sending it stopped the bridge every time
+            log.error("giving up delivering the answer to message %s", row.id)
+            inbox.mark_finished(self.store, row.id, "failed", "the answer could not be delivered")
+            return
+        inbox.mark_running(self.store, row.id)
+        log.info("message %s: %d part(s) already sent; sending the rest", row.id, record.parts_sent)
+        try:
+            await sink.finish(record.answer or "")
+        except Exception as exc:  # still failing: the row stays open for the next start
+            log.error(
+                "could not deliver the reply in chat %s: %s", row.chat_id, describe_exception(exc)
+            )
+            return
+        if record.status == "done":
+            reply_id = sink.message_id or -row.id
+            history.record_message(
+                self.store,
+                history.Message(
+                    row.chat_id, reply_id, record.answer or "", "Valor", None, "out", time.time()
+                ),
+            )
+        inbox.mark_finished(self.store, row.id, record.status, record.error)
+
     async def _fail(self, row: inbox.InboxRow, sink: ReplySink, message: str, status: str) -> None:
+        record = self._deliveries.pop(row.id, None)
+        if record is not None:  # what the row becomes if a restart has to finish sending this
+            record.outcome(status, message[:1000])
         try:
             await sink.fail(message)
         except Exception as exc:
@@ -852,7 +1122,20 @@ class Bridge:
                 await self.deliver_outbox()
             except Exception as exc:
                 log.error("outbox delivery failed: %s", describe_exception(exc))
+            try:
+                self.release_held()
+            except Exception as exc:
+                log.error("releasing held messages failed: %s", describe_exception(exc))
             await asyncio.sleep(OUTBOX_POLL_SECONDS)
+
+
+def approval_buttons(code: str) -> list[Button]:
+    """A question's buttons; each press is the typed answer it names."""
+    return [
+        Button("✅ Allow once", f"yes {code}"),
+        Button("🔁 Allow for this session", f"always {code}"),
+        Button("⛔ Deny", f"no {code}"),
+    ]
 
 
 def _attach_generated_images(

@@ -1,10 +1,12 @@
-"""Send budgets for Telegram: per chat, per group, overall, and flood waits per chat.
+"""Send budgets for Telegram: per chat, per group, overall, and flood waits as Telethon keys them.
 
 Telegram documents its limits loosely: about one message per second in a chat, 20 per minute in
 a group, 30 per second overall; edits count like sends. Going over them earns a ``FloodWait``
 (a 429 with ``retry_after``). The controller keeps every call inside sliding windows with a safety
-margin, so steady streaming never floods, and when a flood wait does come it blocks only that
-chat: the others continue.
+margin, so steady streaming never floods. A flood wait is kept the way Telethon keeps it:
+per Telegram method for the whole account (Telethon remembers the method and raises early for
+every chat while more than 3 s remain), so a wait on one chat's sends holds every chat's sends
+and nothing else; slow mode (and a wait that names no method) holds just that chat.
 
 Callers ask ``acquire(chat_id, ...)`` right before each call. Waiting callers are served by
 priority (a final answer before a preview edit) and then in arrival order, which shares the
@@ -117,6 +119,7 @@ class RateController:
         self._queue: list[tuple[int, int, int, asyncio.Future[list[float]]]] = []  # global line
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        self._methods: dict[str, float] = {}  # Telegram method → blocked until (account-wide)
 
     # --- per chat -------------------------------------------------------------------------
     def _chat(self, chat_id: int, is_group: bool) -> _ChatState:
@@ -128,24 +131,40 @@ class RateController:
             state = self._chats[chat_id] = _ChatState(windows)
         return state
 
-    def flood_wait(self, chat_id: int, seconds: float) -> None:
-        """Telegram asked this chat to wait: nothing is sent to it before then."""
+    def flood_wait(self, chat_id: int, seconds: float, *, method: str | None = None) -> None:
+        """Telegram asked to wait: with ``method``, no call of that method goes to any chat
+        before then (as Telethon enforces it); without, nothing goes to this chat."""
         state = self._chat(chat_id, is_group=False)
         state.flood_waits += 1
-        state.blocked_until = max(state.blocked_until, self._clock() + max(0.0, seconds))
+        until = self._clock() + max(0.0, seconds)
+        if method is None:
+            state.blocked_until = max(state.blocked_until, until)
+        else:
+            self._methods[method] = max(self._methods.get(method, 0.0), until)
 
-    def blocked_for(self, chat_id: int) -> float:
+    def blocked_for(self, chat_id: int, methods: tuple[str, ...] = ()) -> float:
+        """Seconds before a call of one of ``methods`` may go to this chat (flood waits only)."""
+        now = self._clock()
         state = self._chats.get(chat_id)
-        return max(0.0, state.blocked_until - self._clock()) if state else 0.0
+        chat = state.blocked_until - now if state else 0.0
+        return max(0.0, chat, *(self._methods.get(m, 0.0) - now for m in methods))
 
     def flood_waits(self, chat_id: int) -> int:
         state = self._chats.get(chat_id)
         return state.flood_waits if state else 0
 
     # --- acquiring ------------------------------------------------------------------------
-    async def acquire(self, chat_id: int, *, is_group: bool = False, priority: int = 2) -> Slot:
-        """Wait until one call to ``chat_id`` fits every budget, then count it as sent.
-        Call ``done()`` on the returned slot when the call has returned."""
+    async def acquire(
+        self,
+        chat_id: int,
+        *,
+        is_group: bool = False,
+        priority: int = 2,
+        methods: tuple[str, ...] = (),
+    ) -> Slot:
+        """Wait until one call to ``chat_id`` fits every budget and no flood wait holds it
+        (this chat's, or one on the Telegram ``methods`` the call uses), then count it as
+        sent. Call ``done()`` on the returned slot when the call has returned."""
         state = self._chat(chat_id, is_group)
         if is_group and len(state.windows) == 1:  # learnt late that it is a group
             state.windows.append(SlidingWindow(self.limits.group_per_minute, 60.0 * self._stretch))
@@ -157,7 +176,8 @@ class RateController:
                 # stream cannot spend the budget the answer itself needs.
                 headroom = GROUP_RESERVE if priority >= PRIORITY_EDIT else 0
                 waits = [w.wait_time(now, headroom if w.limit > 2 else 0) for w in state.windows]
-                wait = max([state.blocked_until - now, *waits])
+                held = [self._methods.get(m, 0.0) - now for m in methods]
+                wait = max([state.blocked_until - now, *waits, *held])
                 if wait <= 0:
                     break
                 await asyncio.sleep(wait)

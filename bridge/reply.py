@@ -17,10 +17,18 @@ WORKING_MARK = "⏳"
 class EditingReply:
     """Sends the first text, edits it as more arrives, and ends with the final answer."""
 
-    def __init__(self, transport: Transport, chat_id: int, reply_to: int | None = None):
+    def __init__(
+        self,
+        transport: Transport,
+        chat_id: int,
+        reply_to: int | None = None,
+        topic_id: int | None = None,
+    ):
         self.transport = transport
         self.chat_id = chat_id
         self.reply_to = reply_to
+        # a forum topic's answers go to that topic (passed only to transports that know topics)
+        self._topic = {"topic_id": topic_id} if topic_id is not None else {}
         self.message: SentMessage | None = None
         self._shown = ""
         self._answer = ""
@@ -40,7 +48,7 @@ class EditingReply:
             return
         if self.message is None:
             self.message = await self.transport.send_text(
-                self.chat_id, text, reply_to=self.reply_to
+                self.chat_id, text, reply_to=self.reply_to, **self._topic
             )
         else:
             await self.transport.edit_text(self.message, text)
@@ -63,7 +71,9 @@ class EditingReply:
         self._answer = final_text
         await self._show(final_text)
         for path in [*self._attached, *(files or [])]:
-            await self.transport.send_file(self.chat_id, path, reply_to=self.reply_to)
+            await self.transport.send_file(
+                self.chat_id, path, reply_to=self.reply_to, **self._topic
+            )
 
     async def fail(self, message: str) -> None:
         self._progress = ""
@@ -71,5 +81,7 @@ class EditingReply:
         await self._show(text)
 
 
-def editing_reply(transport: Transport, chat_id: int, reply_to: int | None) -> ReplySink:
-    return EditingReply(transport, chat_id, reply_to)
+def editing_reply(
+    transport: Transport, chat_id: int, reply_to: int | None, topic_id: int | None = None
+) -> ReplySink:
+    return EditingReply(transport, chat_id, reply_to, topic_id)

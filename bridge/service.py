@@ -36,6 +36,7 @@ async def run_bridge(
             reply_factory=live_reply_factory(None, settings),
             **external,
         )
+        transport.authorize = bridge.authorized  # files are fetched only for allowed senders
         await bridge.run()
     finally:
         await transport.close()

@@ -21,6 +21,8 @@ class IncomingMessage:
     mentions_valor: bool = False
     replies_to_valor: bool = False
     media_paths: tuple[Path, ...] = field(default_factory=tuple)
+    topic_id: int | None = None  # the forum topic it was written in (Telegram), if any
+    button_press: int | None = None  # a pressed inline button (Telegram's query id), not text
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,9 @@ class SentMessage:
 
 @runtime_checkable
 class Transport(Protocol):
-    """What the bridge needs from a chat network."""
+    """What the bridge needs from a chat network. A transport that knows forum topics (Telegram,
+    the in-memory one) also takes ``topic_id=`` on ``send_text``, ``send_file`` and ``signal``;
+    the bridge passes it only for a message written in a topic."""
 
     def updates(self) -> AsyncIterator[IncomingMessage]:
         """Incoming messages, including those missed while offline (caught up on connect)."""
@@ -49,6 +53,49 @@ class Transport(Protocol):
 
     async def signal(self, chat_id: int, kind: str, *, message_id: int | None = None) -> None:
         """A receipt or progress signal: kind is "received" (reaction) or "typing"."""
+        ...
+
+
+@dataclass(frozen=True)
+class Button:
+    """An inline button; pressing it is the same as sending ``answer`` (e.g. ``yes abcde``)."""
+
+    label: str
+    answer: str
+
+
+@runtime_checkable
+class ButtonTransport(Protocol):
+    """Optional: a transport that can put buttons under a message (a Telegram bot). A press
+    arrives as an IncomingMessage with ``button_press`` set and ``answer_button`` replies to
+    it; the bridge checks who pressed exactly as it checks who typed."""
+
+    def buttons_enabled(self) -> bool: ...
+
+    async def send_buttons(
+        self, chat_id: int, text: str, buttons: Sequence[Button]
+    ) -> SentMessage: ...
+
+    async def answer_button(self, press: IncomingMessage, text: str) -> None: ...
+
+    def show_stop_button(self, chat_id: int, reply_to: int, shown: bool) -> None:
+        """While shown, the reply to message ``reply_to`` (the live message) carries a Stop
+        button; edits after ``shown=False`` drop it."""
+        ...
+
+
+@runtime_checkable
+class DraftTransport(Protocol):
+    """Optional: a transport that can stream an answer as a draft the chat sees being written
+    (Telegram: a bot, in a private chat), instead of sending and editing a message. A draft is
+    no message: the final answer is still sent as one."""
+
+    def drafts_enabled(self, chat_id: int) -> bool: ...
+
+    async def send_draft(
+        self, chat_id: int, draft_id: int, text: str, *, topic_id: int | None = None
+    ) -> None:
+        """Show ``text`` as draft ``draft_id`` (the same id again replaces it, animated)."""
         ...
 
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -481,13 +482,25 @@ def daemon(
 @app.command()
 def worker(
     workers: Annotated[int, typer.Option(help="Worker threads")] = 2,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Remote: this worker's name in the daemon's records (default: host)"),
+    ] = None,
 ) -> None:
-    """Run promise workers only (another machine sharing a Redis promise queue, or a spare)."""
-    from scheduler.daemon import run_workers
+    """Run promise workers only. With VALOR_WORKER_TOOLS_URL set: a remote worker (the Redis
+    queue, the daemon's tools endpoint and a worker token; never the daemon's store). Without:
+    a spare on the daemon's machine, sharing its store."""
     from servers.core.settings import get_settings
 
+    settings = get_settings()
     _configure_logging("worker")
-    raise typer.Exit(run_workers(get_settings(), workers))
+    if settings.worker_tools_url:
+        from scheduler.worker import run_remote_worker
+
+        raise typer.Exit(run_remote_worker(settings, workers, name))
+    from scheduler.daemon import run_workers
+
+    raise typer.Exit(run_workers(settings, workers))
 
 
 @app.command()
@@ -565,6 +578,10 @@ def token_create(
     operator: Annotated[
         bool, typer.Option("--operator", help="Every tool of every server")
     ] = False,
+    worker: Annotated[
+        bool,
+        typer.Option("--worker", help="A remote promise worker's (no tool; claims promises)"),
+    ] = False,
     scope: Annotated[
         list[str] | None,
         typer.Option("--scope", help="operator, chat or server:<name> (repeatable)"),
@@ -589,6 +606,7 @@ def token_create(
             scopes=scope or [],
             name=name,
             known_servers=tuple(SERVERS),
+            worker=worker,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -656,6 +674,74 @@ def _when(timestamp: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+history_app = typer.Typer(
+    help="The conversation store: import a chat's history, rebuild its memory.",
+    no_args_is_help=True,
+)
+app.add_typer(history_app, name="history")
+
+
+@history_app.command("import")
+def history_import(
+    file: Annotated[
+        Path, typer.Argument(help="Telegram Desktop's result.json, or JSON lines of messages")
+    ],
+    chat: Annotated[
+        int | None,
+        typer.Option("--chat", help="Put a single chat's messages into this chat id instead"),
+    ] = None,
+) -> None:
+    """Import chat history (idempotent: importing the same file again adds nothing)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from servers.core.history_import import ImportFileError, import_file
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
+    bar = Progress(
+        TextColumn("importing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+    def on_progress(done: int, total: int) -> None:
+        if not bar.tasks:
+            bar.start()
+            bar.add_task("import", total=total)
+        bar.update(bar.tasks[0].id, completed=done, total=total)
+
+    try:
+        store = get_store(get_settings().db_path)
+        result = import_file(store, file, chat_id=chat, progress=on_progress)
+    except ImportFileError as exc:
+        typer.echo(f"error: {exc} Nothing was imported.", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        bar.stop()
+    typer.echo(
+        f"Imported {result.added:,} new of {result.messages:,} messages ({result.format}) into "
+        f"{result.chats} chat(s); chat memory holds {result.memory_items:,} facts for them."
+    )
+
+
+@history_app.command("rebuild-memory")
+def history_rebuild_memory(
+    chat: Annotated[int | None, typer.Option("--chat", help="Only this chat")] = None,
+) -> None:
+    """Extract the chat memory again from stored messages (those recorded before it existed)."""
+    from servers.core import chat_memory
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
+    store = get_store(get_settings().db_path)
+    with store.transaction() as conn:
+        written = chat_memory.rebuild(conn, chat)
+    typer.echo(f"Chat memory rebuilt: {written:,} facts extracted (duplicates merged).")
 
 
 def main() -> None:

@@ -117,6 +117,7 @@ class Daemon:
         owns_process: bool = False,
         serve_metrics: bool | None = None,
         metrics_port: int | None = None,
+        remote_workers: bool | None = None,
     ):
         self.settings = settings
         self.host = host or settings.http_host
@@ -129,6 +130,11 @@ class Daemon:
         self.serve_metrics = schedule if serve_metrics is None else serve_metrics
         self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
         self.metrics_url: str | None = None
+        # On a Redis queue the long-running daemon serves remote workers (not a `--once` run).
+        queue_url = settings.promise_queue_url or ""
+        self.remote_workers = (schedule if remote_workers is None else remote_workers) and (
+            queue_url.startswith(("redis://", "rediss://", "unix://"))
+        )
         self.started_at = time.time()
         try:
             self.quiet_hours = parse_quiet_hours(settings.daydream_quiet_hours)
@@ -142,6 +148,8 @@ class Daemon:
         self._stack = contextlib.AsyncExitStack()
         self._scheduler: Any = None
         self._workers: Any = None
+        self._remote_results: Any = None  # remote workers' outcomes (a Redis queue only)
+        self.lease: Any = None  # one daemon per Redis queue schedules and reads outcomes
         self._bridge_task: asyncio.Task[Any] | None = None
         self._running_jobs: set[asyncio.Task[Any]] = set()
         self.ready = asyncio.Event()
@@ -158,7 +166,7 @@ class Daemon:
         if self.owns_process:
             self._stack.callback(register_self(self.settings, "daemon"))
         self.base_url = await self._stack.enter_async_context(
-            hosted(self._secret, self.host, self.port)
+            hosted(self._secret, self.host, self.port, extra_routes=self._worker_routes())
         )
         self.tools = HostedTools(self.base_url, self._secret, tuple(SERVERS))
         adopt_library_loggers()  # uvicorn just gave its loggers handlers of their own
@@ -170,9 +178,10 @@ class Daemon:
         self._close_abandoned_sessions()
         await self._report_capabilities()
         self._start_promise_workers()
+        self._start_remote_results()
         if self.run_bridge:
             self._start_bridge()
-        if self.schedule:
+        if self.schedule and (self.lease is None or self._remote_results is not None):
             self._start_scheduler()
         self.ready.set()
         log.info("daemon ready")
@@ -254,6 +263,43 @@ class Daemon:
         log.info(
             "promise workers: %d on %s", self.worker_count, promises.queue_location(self.settings)
         )
+
+    def _worker_routes(self) -> list[Any]:
+        if not self.remote_workers:
+            return []
+        from servers import SERVERS
+        from servers.core.worker_results import token_service_routes
+
+        return token_service_routes(self._secret, self.settings, tuple(SERVERS))
+
+    def _start_remote_results(self) -> None:
+        if not self.remote_workers:
+            return
+        import os
+        import socket
+
+        from servers.core import promises
+        from servers.core.store import get_store
+        from servers.core.worker_results import Lease, RemoteResults
+        from servers.core.workers import redis_of
+
+        try:
+            queue = promises.get_queue(self.settings)
+            self.lease = Lease(redis_of(queue), f"{socket.gethostname()}:{os.getpid()}")
+            if not self.lease.acquire():
+                log.error(
+                    "another daemon (%s) serves this Redis queue: this one runs no scheduled "
+                    "jobs and reads no worker outcomes; stop one of them",
+                    self.lease.current_holder(),
+                )
+                return
+            store = get_store(self.settings.db_path)
+            self._remote_results = RemoteResults(store, queue, self.settings, lease=self.lease)
+        except Exception as exc:
+            log.error("remote workers' outcomes will wait: %s", exc)
+            return
+        self._remote_results.start()
+        log.info("remote workers: token service at %s/workers, outcomes from Redis", self.base_url)
 
     def _start_bridge(self) -> None:
         if not telegram_ready(self.settings):
@@ -340,6 +386,10 @@ class Daemon:
             busy = await asyncio.to_thread(self._workers.stop, grace)
             if busy:
                 self._release_running_promises()
+        if self._remote_results is not None:
+            await asyncio.to_thread(self._remote_results.stop)
+            with contextlib.suppress(Exception):  # it expires on its own otherwise
+                await asyncio.to_thread(self.lease.release)
         if self.owns_process:
             await end_children()
         await self._stack.aclose()

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from servers.core import context_opt
 from servers.core.app import create_server, deferred, set_text_limit
 from servers.core.errors import Category, ValorError
+from servers.core.model_results import duration_text, percent_text
 from servers.core.settings import Settings, get_settings
 from servers.core.trust import resolve_chat_id
 
@@ -85,6 +86,7 @@ class OldestCritical(BaseModel):
     index: int
     role: str
     age_seconds: float | None
+    age = duration_text("age_seconds")
     messages_ago: int
     preview: str
 
@@ -95,6 +97,7 @@ class ContextHealth(BaseModel):
     tokens_exact: bool
     max_tokens: int
     utilization: float = Field(description="tokens / max_tokens")
+    budget_used = percent_text("utilization")
     messages: int
     duplicate_messages: int
     duplicate_tokens: int
@@ -236,7 +239,14 @@ def context_health(messages: MessagesArg, max_tokens: BudgetArg) -> ContextHealt
     ),
 )
 def build_context_block(
-    messages: MessagesArg,
+    messages: Annotated[
+        list[ChatMessage],
+        Field(
+            description="The conversation, oldest first; empty with a chat: the chat's stored "
+            "memory and recent turns, exactly the block the hook adds",
+            max_length=MAX_MESSAGES,
+        ),
+    ] = [],  # noqa: B006 (pydantic copies defaults)
     user_name: Annotated[str, Field(max_length=200, description="Who is writing")] = "",
     user_id: Annotated[int | None, Field(description="Telegram user id of the writer")] = None,
     chat_id: Annotated[
@@ -245,15 +255,35 @@ def build_context_block(
             description="Chat id; in a chat session the bridge fixes it and this may only repeat it"
         ),
     ] = None,
-    max_tokens: Annotated[int, Field(ge=64, le=200_000, description="Token budget")] = 2000,
+    max_tokens: Annotated[
+        int | None,
+        Field(ge=64, le=200_000, description="Token budget (default: the hook's, from settings)"),
+    ] = None,
 ) -> ContextBlock:
-    """The context block Valor's UserPromptSubmit hook adds to each prompt (chat, user, recent
-    history optimized to the budget, user text escaped so it cannot forge the fields)."""
+    """The context block Valor's UserPromptSubmit hook adds to each prompt (chat, user, the
+    chat's memory and recent history optimized to the budget, user text escaped so it cannot
+    forge the fields). With a chat and no messages: the block built from the stored chat, the
+    same one the hook adds, so any client can see what the model sees."""
     chat = resolve_chat_id(chat_id, required=False)
+    settings = get_settings()
+    budget = max_tokens or settings.hook_context_max_tokens
     try:
-        block = context_opt.build_context_block(
-            chat, user_name, user_id, _plain(messages), max_tokens
-        )
+        if not messages and chat is not None:
+            from servers.core.chat_memory import chat_block
+            from servers.core.store import get_store
+
+            block = chat_block(
+                get_store().connection(),
+                chat,
+                user_name,
+                user_id,
+                max_messages=settings.hook_history_messages,
+                max_tokens=budget,
+            )
+        else:
+            block = context_opt.build_context_block(
+                chat, user_name, user_id, _plain(messages), budget
+            )
     except context_opt.ContextInputError as exc:
         raise _input_error(exc) from None
     from servers.core import tokens

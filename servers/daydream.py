@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from servers.core import daydream
 from servers.core.app import create_server, deferred
 from servers.core.history import iso
+from servers.core.model_results import duration_text, human_duration
 from servers.core.principals import OPERATOR_TAG
 from servers.core.progress import Steps, from_context
 from servers.core.settings import get_settings
@@ -29,6 +30,7 @@ class PhaseResult(BaseModel):
     name: str = Field(description="readiness, pre_cleanup, context, analysis, output, post_cleanup")
     status: str = Field(description="done, skipped or failed")
     seconds: float
+    duration = duration_text("seconds")
     detail: str
     data: dict[str, Any] = Field(default_factory=dict)
 
@@ -39,6 +41,7 @@ class DaydreamSession(BaseModel):
     dry_run: bool
     started_at: str
     finished_at: str | None
+    duration: str | None = Field(description="From start to finish, readable")
     skip_reason: str | None
     analysis_status: str | None = Field(description="done, or skipped (the reason is in phases)")
     insights_path: str | None
@@ -57,6 +60,9 @@ def _session(item: dict[str, Any]) -> DaydreamSession:
         dry_run=item["dry_run"],
         started_at=iso(item["started_at"]),
         finished_at=iso(item["finished_at"]) if item["finished_at"] else None,
+        duration=human_duration(item["finished_at"] - item["started_at"])
+        if item["finished_at"]
+        else None,
         skip_reason=item["skip_reason"],
         analysis_status=item["analysis_status"],
         insights_path=item["insights_path"],
@@ -91,7 +97,7 @@ def _monitoring_cleanup() -> daydream.CleanupCall | None:
 @mcp.tool(
     tags={OPERATOR_TAG},
     annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
-    meta=deferred("daydream reflect on recent work, ideas and insights"),
+    meta=deferred("daydream reflect on recent work, ideas and insights", max_result_chars=100_000),
 )
 async def run_daydream(
     workspaces: Annotated[
@@ -134,7 +140,7 @@ async def run_daydream(
 @mcp.tool(
     tags={OPERATOR_TAG},
     annotations={"readOnlyHint": True, "openWorldHint": False},
-    meta=deferred("past daydreams, earlier insights"),
+    meta=deferred("past daydreams, earlier insights", max_result_chars=100_000),
 )
 def daydream_history(
     limit: Annotated[int, Field(ge=1, le=100, description="Newest N sessions")] = 10,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from servers.core import bug_reports, screenshots
 from servers.core.app import create_server, deferred
+from servers.core.model_results import bytes_text, duration_text, more_note
 from servers.core.settings import get_settings
 from servers.core.trust import ChatIdArg, resolve_chat_id
 
@@ -40,8 +41,10 @@ class ScreenshotInfo(BaseModel):
         description="<task_id>/<file name>, relative to the chat's screenshots folder"
     )
     size_bytes: int
+    size = bytes_text("size_bytes")
     modified_at: str = Field(description="Last written, ISO 8601 UTC")
     age_seconds: float
+    age = duration_text("age_seconds")
 
 
 class ScreenshotList(BaseModel):
@@ -50,6 +53,8 @@ class ScreenshotList(BaseModel):
     )
     task_id: str | None = Field(description="The task listed; null means every task")
     screenshots: list[ScreenshotInfo] = Field(description="Newest first")
+    truncated: bool = Field(description="True when older screenshots were left out")
+    how_to_see_more: str | None = Field(description="When truncated: how to see the others")
 
 
 class WorkspaceScreenshot(ScreenshotInfo):
@@ -71,11 +76,13 @@ class BugReportResult(BaseModel):
     expected: str
     screenshot_path: str | None = Field(description="The screenshot captured during this run")
     screenshot_age_seconds: float | None = None
+    screenshot_age = duration_text("screenshot_age_seconds")
     analysis: str = Field(description="The vision model's reading of the screenshot")
     analysis_model: str = ""
     claude_status: str = Field(description="ok, error, timeout or cancelled")
     claude_session_id: str | None = None
     claude_seconds: float
+    claude_duration = duration_text("claude_seconds")
     notes: list[str] = Field(description="Anything that went partly wrong, in words")
     chat_id: int | None = None
     delivery: str = Field(description="What happened to the chat delivery; empty: none asked")
@@ -118,7 +125,7 @@ async def retrieve_workspace_screenshot(
 
 @mcp.tool(
     annotations={"readOnlyHint": True, "openWorldHint": False},
-    meta=deferred("screenshots taken earlier"),
+    meta=deferred("screenshots taken earlier", max_result_chars=100_000),
 )
 def list_workspace_screenshots(
     task_id: Annotated[
@@ -133,19 +140,24 @@ def list_workspace_screenshots(
     settings = get_settings()
     wanted = task_id or None
     shots = screenshots.list_screenshots(
-        screenshots.screenshot_bases(settings, chat), wanted, limit=limit
+        screenshots.screenshot_bases(settings, chat), wanted, limit=limit + 1
     )
+    more = len(shots) > limit
     directory = settings.screenshots_path if chat is None else settings.chat_screenshots_path(chat)
     return ScreenshotList(
         directory=str(directory),
         task_id=wanted,
-        screenshots=[ScreenshotInfo(**_info(s)) for s in shots],
+        screenshots=[ScreenshotInfo(**_info(s)) for s in shots[:limit]],
+        truncated=more,
+        how_to_see_more=more_note(
+            limit, more, "Give a task_id, or raise limit (at most 500) to see older ones."
+        ),
     )
 
 
 @mcp.tool(
     annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": True},
-    meta=deferred("file a bug report or issue with a screenshot"),
+    meta=deferred("file a bug report or issue with a screenshot", max_result_chars=100_000),
 )
 async def execute_bug_report_with_screenshot(
     task_description: Annotated[

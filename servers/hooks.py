@@ -273,14 +273,17 @@ def chat_context(chat_id: int) -> str:
     max_tokens = _int_setting("VALOR_HOOK_CONTEXT_MAX_TOKENS", CONTEXT_MAX_TOKENS_DEFAULT)
     conn = open_store()
     try:
-        messages = recent_history(conn, chat_id, limit)
+        try:  # the chat's memory and recent turns, as the bridge builds them
+            from servers.core.chat_memory import chat_block
+
+            return chat_block(
+                conn, chat_id, user_name, user_id, max_messages=limit, max_tokens=max_tokens
+            )
+        except ImportError:  # the same markup and escaping, without the optimizer
+            messages = recent_history(conn, chat_id, limit)
+            return plain_block(chat_id, user_name, user_id, messages, max_tokens)
     finally:
         conn.close()
-    try:
-        from servers.core.context_opt import build_context_block
-    except ImportError:  # the same markup and escaping, without the optimizer
-        return plain_block(chat_id, user_name, user_id, messages, max_tokens)
-    return build_context_block(chat_id, user_name, user_id, messages, max_tokens)
 
 
 def workspace_summary(cwd: str) -> str:

@@ -504,10 +504,12 @@ def build_app(
     names: list[str] | None = None,
     *,
     settings: Settings | None = None,
+    extra_routes: Iterable[Any] = (),
 ) -> Any:
     """One Starlette app serving every (or the named) server behind ``HostGuard``.
 
-    ``secret`` defaults to the persistent one (``trust.load_scope_secret``)."""
+    ``secret`` defaults to the persistent one (``trust.load_scope_secret``). ``extra_routes``
+    (the daemon's token service for remote workers) sit behind the same guard."""
     from servers.core.settings import get_settings
     from servers.core.store import get_store
 
@@ -532,7 +534,8 @@ def build_app(
             yield
 
     parent = Starlette(
-        routes=[Mount(f"/{name}", app=app) for name, app in apps.items()], lifespan=lifespan
+        routes=[*extra_routes, *(Mount(f"/{name}", app=app) for name, app in apps.items())],
+        lifespan=lifespan,
     )
     db_path = settings.db_path
 
@@ -559,6 +562,7 @@ async def hosted(
     port: int = 0,
     *,
     allow_remote: bool | None = None,
+    extra_routes: Iterable[Any] = (),
 ) -> AsyncIterator[str]:
     """Serve every server on loopback inside the running event loop; yields the base URL.
 
@@ -573,7 +577,7 @@ async def hosted(
     settings = get_settings()
     check_bind_host(host, settings.http_allow_remote if allow_remote is None else allow_remote)
     config = uvicorn.Config(
-        build_app(secret, settings=settings),
+        build_app(secret, settings=settings, extra_routes=extra_routes),
         host=host,
         port=port,
         log_level="warning",

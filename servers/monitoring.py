@@ -131,5 +131,63 @@ def export_metrics(
     )
 
 
+class ChatSpend(BaseModel):
+    chat_id: int
+    spent_usd: float = Field(description="What this chat's bridge runs cost today")
+    runs: int = Field(description="Bridge runs that cost something today")
+    share_of_cap: float | None = Field(
+        description="spent_usd over VALOR_BUDGET_PER_CHAT_DAY_USD (1.0 = capped); null: no cap"
+    )
+
+
+class SpendingCaps(BaseModel):
+    per_run_usd: float | None = Field(description="VALOR_BUDGET_PER_RUN_USD")
+    per_chat_day_usd: float | None = Field(description="VALOR_BUDGET_PER_CHAT_DAY_USD")
+    per_day_usd: float | None = Field(description="VALOR_BUDGET_PER_DAY_USD")
+
+
+class SpendingReport(BaseModel):
+    day: str = Field(description="The UTC day reported (caps reset at its end)")
+    total_usd: float = Field(description="Every chat's spend today")
+    caps: SpendingCaps
+    held_messages: int = Field(description="Messages waiting because a cap was reached")
+    chats: list[ChatSpend] = Field(description="Spend per chat, the biggest first")
+
+
+@mcp.tool(
+    tags={OPERATOR_TAG},
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=deferred("spending, cost per chat, budget caps, dollars spent today"),
+)
+def spending_report() -> SpendingReport:
+    """Today's Claude Code spend per chat and overall, against the spending caps, with how many
+    messages wait for a cap to reset."""
+    from servers.core import spending
+
+    settings, store = get_settings(), get_store()
+    window = spending.Window.containing()
+    chat_cap = settings.budget_per_chat_day_usd
+    chats = [
+        ChatSpend(
+            chat_id=chat,
+            spent_usd=round(cost, 6),
+            runs=runs,
+            share_of_cap=round(cost / chat_cap, 4) if chat_cap else None,
+        )
+        for chat, cost, runs in spending.by_chat(store, window)
+    ]
+    return SpendingReport(
+        day=window.day,
+        total_usd=round(spending.spent(store, window), 6),
+        caps=SpendingCaps(
+            per_run_usd=settings.budget_per_run_usd,
+            per_chat_day_usd=chat_cap,
+            per_day_usd=settings.budget_per_day_usd,
+        ),
+        held_messages=len(spending.held(store)),
+        chats=chats,
+    )
+
+
 if __name__ == "__main__":
     mcp.run(show_banner=False)

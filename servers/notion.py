@@ -54,7 +54,7 @@ class WorkspaceList(BaseModel):
 
 @mcp.tool(
     annotations={"readOnlyHint": True, "openWorldHint": True},
-    meta=deferred("notion projects tasks status priorities roadmap"),
+    meta=deferred("notion projects tasks status priorities roadmap", max_result_chars=100_000),
 )
 async def query_notion_projects(
     workspace: Annotated[

@@ -10,6 +10,7 @@ from servers.core import promises
 from servers.core.app import create_server, deferred
 from servers.core.errors import ValorError
 from servers.core.history import iso
+from servers.core.model_results import more_note
 from servers.core.settings import get_settings
 from servers.core.store import get_store
 from servers.core.trust import resolve_chat_id
@@ -44,6 +45,8 @@ class PromiseInfo(BaseModel):
 class PromiseList(BaseModel):
     status: str | None
     promises: list[PromiseInfo]
+    truncated: bool = Field(description="True when older promises were left out")
+    how_to_see_more: str | None = Field(description="When truncated: how to see the others")
 
 
 def _info(promise: promises.Promise) -> PromiseInfo:
@@ -127,7 +130,9 @@ def promise_status(
 
 @mcp.tool(
     annotations={"readOnlyHint": True, "openWorldHint": False},
-    meta=deferred("queued tasks, work in progress: pending, running, done"),
+    meta=deferred(
+        "queued tasks, work in progress: pending, running, done", max_result_chars=100_000
+    ),
 )
 def list_promises(
     status: Annotated[Status | None, Field(description="Only promises in this state")] = None,
@@ -135,8 +140,16 @@ def list_promises(
 ) -> PromiseList:
     """List background jobs (promises), newest first; in a chat session that chat's only."""
     scope = resolve_chat_id(None, required=False)
-    found = promises.list_promises(get_store(), status, limit, chat_id=scope)
-    return PromiseList(status=status, promises=[_info(p) for p in found])
+    found = promises.list_promises(get_store(), status, limit + 1, chat_id=scope)
+    more = len(found) > limit
+    return PromiseList(
+        status=status,
+        promises=[_info(p) for p in found[:limit]],
+        truncated=more,
+        how_to_see_more=more_note(
+            limit, more, "Filter by status, or raise limit (at most 200) to see older ones."
+        ),
+    )
 
 
 @mcp.tool(

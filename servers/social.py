@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from servers.core import links, media, openai_services
 from servers.core.app import always_loaded, create_server
 from servers.core.errors import Category, ValorError
+from servers.core.model_results import bytes_text, more_note
 from servers.core.progress import Steps, from_context
 from servers.core.settings import get_settings
 from servers.core.store import get_store
@@ -46,6 +47,7 @@ class CreatedImage(BaseModel):
     )
     mime_type: str
     size_bytes: int
+    size = bytes_text("size_bytes")
     width: int | None = None
     height: int | None = None
     prompt: str
@@ -60,6 +62,7 @@ class ImageAnalysis(BaseModel):
     )
     mime_type: str = Field(description="Detected from the file's bytes")
     size_bytes: int
+    size = bytes_text("size_bytes")
     mode: Literal["question", "description"]
     analysis: str
     model: str
@@ -95,9 +98,14 @@ class LinkSearch(BaseModel):
     query: str
     chat_id: int | None = Field(description="The chat searched; null means every chat")
     hits: list[LinkHit]
+    truncated: bool = Field(description="True when more links match than are shown")
+    how_to_see_more: str | None = Field(description="When truncated: how to narrow or widen")
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": True}, meta=always_loaded())
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": True},
+    meta=always_loaded(max_result_chars=50_000),
+)
 async def search_current_info(
     query: Annotated[
         str, Field(min_length=1, max_length=2000, description="What to find out, in words")
@@ -209,7 +217,7 @@ async def analyze_shared_image(
 
 @mcp.tool(
     annotations={"readOnlyHint": False, "destructiveHint": False, "openWorldHint": True},
-    meta=always_loaded(),
+    meta=always_loaded(max_result_chars=20_000),
 )
 async def save_link(
     url: Annotated[
@@ -236,7 +244,10 @@ async def save_link(
     )
 
 
-@mcp.tool(annotations={"readOnlyHint": True, "openWorldHint": False}, meta=always_loaded())
+@mcp.tool(
+    annotations={"readOnlyHint": True, "openWorldHint": False},
+    meta=always_loaded(max_result_chars=50_000),
+)
 def search_links(
     query: Annotated[
         str,
@@ -255,9 +266,20 @@ def search_links(
     chat = resolve_chat_id(chat_id, required=False)
     everywhere = not scope.fixed and chat is None  # an operator with no chat: all links
     hits = links.search_links(
-        get_store(), query, chat, all_chats=everywhere, max_results=max_results
+        get_store(), query, chat, all_chats=everywhere, max_results=max_results + 1
     )
-    return LinkSearch(query=query, chat_id=chat, hits=[LinkHit(**hit) for hit in hits])
+    more = len(hits) > max_results
+    return LinkSearch(
+        query=query,
+        chat_id=chat,
+        hits=[LinkHit(**hit) for hit in hits[:max_results]],
+        truncated=more,
+        how_to_see_more=more_note(
+            max_results,
+            more,
+            'Narrow the query (more words, a "phrase", a tag) or raise max_results (at most 100).',
+        ),
+    )
 
 
 if __name__ == "__main__":

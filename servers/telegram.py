@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from servers.core.app import always_loaded, create_server
+from servers.core.model_results import iso_time, more_note
 from servers.core.trust import RequiredChatIdArg, resolve_chat_id
 
 mcp = create_server(
@@ -29,13 +30,19 @@ class HistorySearch(BaseModel):
     query: str
     chat_id: int
     hits: list[HistoryHit]
+    truncated: bool = Field(description="True when more messages match than are shown")
+    how_to_see_more: str | None = Field(description="When truncated: how to narrow or widen")
 
 
 class ConversationContext(BaseModel):
     chat_id: int
     hours_back: float
     message_count: int
+    oldest_at: str | None = Field(description="The first message shown, ISO 8601 UTC")
+    newest_at: str | None = Field(description="The last message shown, ISO 8601 UTC")
+    time_zone: str = Field(description="The zone of the [YYYY-MM-DD HH:MM] times in context")
     truncated: bool = Field(description="True when older or longer messages were cut to fit")
+    how_to_see_more: str | None = Field(description="When truncated: how to read the rest")
     context: str = Field(description="Messages oldest first, one per line, ready for a model")
 
 
@@ -62,8 +69,20 @@ def search_conversation_history(
 
     chat = resolve_chat_id(chat_id)
     limit = min(max_results, get_settings().history_max_results)
-    hits = history.search_history(get_store(), query, chat, limit)
-    return HistorySearch(query=query, chat_id=chat, hits=[HistoryHit(**hit) for hit in hits])
+    hits = history.search_history(get_store(), query, chat, limit + 1)  # one more: are there?
+    more = len(hits) > limit
+    return HistorySearch(
+        query=query,
+        chat_id=chat,
+        hits=[HistoryHit(**hit) for hit in hits[:limit]],
+        truncated=more,
+        how_to_see_more=more_note(
+            limit,
+            more,
+            'Narrow the query (more words, an "exact phrase", NOT a word) or raise max_results '
+            f"(at most {min(200, get_settings().history_max_results)}).",
+        ),
+    )
 
 
 @mcp.tool(
@@ -85,12 +104,24 @@ def get_conversation_context(
     chat = resolve_chat_id(chat_id)
     settings = get_settings()
     rows = history.recent_messages(get_store(), chat, now() - hours_back * 3600, max_messages)
-    text, count, truncated = history.format_for_model(rows, settings.history_max_chars)
+    text, count, cut = history.format_for_model(rows, settings.history_max_chars)
+    truncated = cut or count < len(rows)
+    shown = rows[len(rows) - count :] if count else []  # the newest are the ones kept
     return ConversationContext(
         chat_id=chat,
         hours_back=hours_back,
         message_count=count,
-        truncated=truncated or count < len(rows),
+        oldest_at=iso_time(shown[0]["sent_at"]) if shown else None,
+        newest_at=iso_time(shown[-1]["sent_at"]) if shown else None,
+        time_zone="UTC",
+        truncated=truncated,
+        how_to_see_more=(
+            "Older or long messages were cut to fit "
+            f"{settings.history_max_chars:,} characters: use a smaller hours_back or "
+            "max_messages, or search_conversation_history for a topic."
+            if truncated
+            else None
+        ),
         context=text,
     )
 

@@ -452,3 +452,80 @@ async def test_telegram_code_replies_reach_the_bridge_through_telethons_dispatch
     assert (decided.status, decided.scope, decided.decided_by) == ("allowed", "session", OWNER)
     assert decided.decided_by_name == "Ann"
     assert approvals.has_session_grant(store, -777, "Bash")
+
+
+# -- per-chat policy and the bridge's question loop (issue 16, remaining parts) -----------------
+async def test_a_chats_own_policy_adds_to_the_global_one(store, monkeypatch):
+    configure(
+        monkeypatch,
+        VALOR_APPROVAL_ALWAYS_DENY=json.dumps(["WebFetch"]),
+        VALOR_APPROVAL_TIMEOUT_SECONDS="0.1",
+        VALOR_APPROVAL_CHAT_POLICIES=json.dumps(
+            {
+                str(CHAT): {
+                    "never_ask": ["Bash"],
+                    "always_deny": ["mcp__notion-tools"],
+                    "on_timeout": "allow",
+                }
+            }
+        ),
+    )
+    settings = get_settings()
+    assert approvals.policy(settings, "Bash", chat_id=CHAT) == "allow"
+    assert approvals.policy(settings, "Bash", chat_id=CHAT + 1) is None
+    assert approvals.policy(settings, "mcp__notion-tools__query_notion_projects", chat_id=CHAT) == (
+        "deny"
+    )
+    assert approvals.policy(settings, "WebFetch", chat_id=CHAT) == "deny"  # global still holds
+    assert (approvals.on_timeout(settings, CHAT), approvals.on_timeout(settings, CHAT + 1)) == (
+        "allow",
+        "deny",
+    )
+    # No answer in time means this chat's meaning: allowed here, denied elsewhere.
+    here = await approvals.decide_tool_use(store, settings, CHAT, "Write", {"a": 1}, "t1")
+    there = await approvals.decide_tool_use(store, settings, CHAT + 1, "Write", {"a": 1}, "t2")
+    assert json.loads(here)["behavior"] == "allow" and json.loads(there)["behavior"] == "deny"
+
+
+async def test_the_question_loop_sleeps_while_idle_wakes_on_a_question_and_backs_off(
+    store, allowlist, monkeypatch, caplog
+):
+    import logging
+    import sqlite3
+
+    from tests.support.waiting import wait_until_async
+
+    reads = 0
+    unasked = approvals.unasked
+
+    def counting(store_):
+        nonlocal reads
+        reads += 1
+        return unasked(store_)
+
+    monkeypatch.setattr(approvals, "unasked", counting)
+    transport = MemoryTransport()
+    bridge = Bridge(transport, host_tools=False)
+    async with bridge.serving():
+        await asyncio.sleep(0.5)
+        assert reads <= 2  # no run in flight: no store reads (it was one every 20 ms)
+        approvals.record(store, CHAT, "Bash", {"command": "ls"})  # asked in this process
+        await transport.wait_for(lambda: len(questions(transport)) == 1, 10)
+
+        def failing(store_):
+            nonlocal reads
+            reads += 1
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(approvals, "unasked", failing)
+        reads = 0
+        with caplog.at_level(logging.INFO, "valor.bridge"):
+            bridge._approvals_wake.set()
+            await wait_until_async(lambda: reads >= 4, timeout=30)
+            assert reads <= 6  # 40, 80, 160, 320 ms … apart: backing off, not spinning
+            monkeypatch.setattr(approvals, "unasked", counting)
+            await wait_until_async(
+                lambda: any("work again" in r.getMessage() for r in caplog.records), timeout=30
+            )
+    failures = [r for r in caplog.records if "approval questions failed" in r.getMessage()]
+    assert len(failures) == 1  # once per streak

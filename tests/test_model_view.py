@@ -83,7 +83,7 @@ async def test_the_always_loaded_definitions_fit_the_budget():
                         {
                             "name": mcp_tool(server, tool.name),
                             "description": tool.description,
-                            "input_schema": tool.inputSchema,
+                            "input_schema": tool.input_schema,
                         }
                     )
     assert len(definitions) == len(ALWAYS_LOADED)

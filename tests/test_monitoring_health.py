@@ -92,7 +92,7 @@ async def test_system_health_shape_and_figures(store, claude_like_process):
 
 def _report(**changes) -> HealthReport:
     base = {
-        "generated_at": 0.0,
+        "generated_at": "1970-01-01T00:00:00+00:00",
         "score": 100,
         "status": "healthy",
         "machine": {
@@ -252,8 +252,9 @@ async def test_export_metrics_json_and_prometheus(store):
 async def test_tool_annotations():
     async with Client(mcp) as client:
         tools = {tool.name: tool for tool in await client.list_tools()}
-    assert set(tools) == {"system_health", "cleanup_resources", "export_metrics"}
+    assert set(tools) == {"system_health", "cleanup_resources", "export_metrics", "spending_report"}
     assert tools["system_health"].annotations.read_only_hint is True
+    assert tools["spending_report"].annotations.read_only_hint is True
     assert tools["export_metrics"].annotations.read_only_hint is True
     assert tools["cleanup_resources"].annotations.destructive_hint is True
     assert tools["cleanup_resources"].input_schema["properties"]["dry_run"]["default"] is True

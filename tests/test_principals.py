@@ -21,7 +21,7 @@ from servers.core.principals import (
 from tests.support import call, texts
 
 OPERATOR_TOOLS = {
-    "monitoring-tools": {"system_health", "cleanup_resources", "export_metrics"},
+    "monitoring-tools": {"system_health", "cleanup_resources", "export_metrics", "spending_report"},
     "daydream-tools": {"run_daydream", "daydream_history"},
 }
 CHAT = chat_principal(42)

@@ -329,9 +329,11 @@ async def test_stdio_entries_answer_the_official_client(store, stdio_client_for,
 
 
 async def test_queue_down_loses_nothing(store, research, monkeypatch, workers):
-    configure(monkeypatch, VALOR_PROMISE_QUEUE_URL="redis://127.0.0.1:9/0")  # no redis package
+    # Nothing listens there (and without the redis package the queue cannot even be built).
+    configure(monkeypatch, VALOR_PROMISE_QUEUE_URL="redis://127.0.0.1:9/0")
     created = (await call(mcp, "create_promise", {"description": "kept"})).structured_content
-    assert created["status"] == "waiting" and "redis package is missing" in created["note"]
+    assert created["status"] == "waiting"
+    assert any(why in created["note"] for why in ("redis package is missing", "queue refused it"))
     monkeypatch.delenv("VALOR_PROMISE_QUEUE_URL")
     configure(monkeypatch)  # settings read afresh, without it
     assert promises.recover_interrupted(store, promises.get_queue()) == [(created["id"], "queued")]

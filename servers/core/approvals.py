@@ -12,6 +12,7 @@ daemon hosts the tools): the store is the only thing they share. Every decision 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -36,6 +37,33 @@ POLL_SECONDS = 0.02  # the tool's wait for an answer: a row read per tick, well 
 ANSWER_RE = re.compile(r"^\s*(yes|y|allow|no|n|deny|always|session)\s+([a-z]{5})\s*$", re.I)
 ALLOW_WORDS = {"yes", "y", "allow"}
 SESSION_WORDS = {"always", "session"}
+
+# Callbacks run when a question is asked, answered or expires in this process: the bridge and
+# a waiting tool wake at once instead of polling the store (which stays the source of truth,
+# and is still polled while a run may ask from another process). A callback must be cheap and
+# thread-safe (``loop.call_soon_threadsafe(event.set)``).
+_listeners: set[Callable[[], None]] = set()
+
+
+def on_change(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` whenever an approval row changes here; returns the unsubscribe."""
+    _listeners.add(callback)
+    return lambda: _listeners.discard(callback)
+
+
+def _changed() -> None:
+    for callback in list(_listeners):
+        try:
+            callback()
+        except RuntimeError:  # its event loop has closed: that listener is gone
+            _listeners.discard(callback)
+
+
+def waker() -> tuple[asyncio.Event, Callable[[], None]]:
+    """An event set on every change (from any thread), and the unsubscribe."""
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    return event, on_change(lambda: loop.call_soon_threadsafe(event.set))
 
 
 @dataclass(frozen=True)
@@ -94,17 +122,28 @@ def _matches(tool_name: str, patterns: Sequence[str]) -> bool:
 
 
 def policy(
-    settings: Settings, tool_name: str, read_only: Collection[str] = frozenset()
+    settings: Settings,
+    tool_name: str,
+    read_only: Collection[str] = frozenset(),
+    chat_id: int | None = None,
 ) -> str | None:
     """ "deny" or "allow" when the settings decide without asking, else None. ``read_only``:
-    Valor's read-only tools by their Claude Code names (the server module lists them)."""
-    if _matches(tool_name, settings.approval_always_deny):
+    Valor's read-only tools by their Claude Code names (the server module lists them). A
+    chat's own lists (``VALOR_APPROVAL_CHAT_POLICIES``) add to the global ones."""
+    own = settings.approval_chat_policies.get(chat_id) if chat_id is not None else None
+    if _matches(tool_name, [*settings.approval_always_deny, *(own.always_deny if own else ())]):
         return "deny"
-    if _matches(tool_name, settings.approval_never_ask):
+    if _matches(tool_name, [*settings.approval_never_ask, *(own.never_ask if own else ())]):
         return "allow"
     if tool_name in read_only:
         return "allow"
     return None
+
+
+def on_timeout(settings: Settings, chat_id: int) -> str:
+    """What no answer means in this chat: its own policy's, else the global setting."""
+    own = settings.approval_chat_policies.get(chat_id)
+    return (own.on_timeout if own else None) or settings.approval_on_timeout
 
 
 def has_session_grant(store: Store, chat_id: int, tool_name: str) -> bool:
@@ -164,6 +203,8 @@ def record(
                 ),
             ).fetchone()
         if row:
+            if status == "pending":
+                _changed()
             return get(store, int(row[0]))  # type: ignore[return-value]
     raise RuntimeError("could not draw an unused approval code")
 
@@ -252,6 +293,7 @@ def decide(
                 "VALUES (?, ?, ?, ?)",
                 (chat_id, row[1], row[0], now()),
             )
+    _changed()
     return get(store, int(row[0]))
 
 
@@ -263,10 +305,16 @@ def expire(store: Store, approval_id: int, reason: str) -> Approval:
             "decided_at = ? WHERE id = ? AND status = 'pending'",
             (reason, now(), approval_id),
         )
+    _changed()
     return get(store, approval_id)  # type: ignore[return-value]
 
 
-def question_text(approval: Approval, timeout_seconds: float) -> str:
+def question_text(approval: Approval, timeout_seconds: float, *, buttons: bool = False) -> str:
+    if buttons:  # a bot's question: the buttons say the rest
+        return (
+            f"🔐 Claude wants to use {approval.tool_name}:\n{approval.input_preview}\n\n"
+            f"Denied after {timeout_seconds:.0f} s without an answer ({approval.code})."
+        )
     return (
         f"🔐 Claude wants to use {approval.tool_name}:\n{approval.input_preview}\n\n"
         f"Reply `yes {approval.code}` to allow once, `always {approval.code}` to allow "
@@ -314,7 +362,7 @@ async def decide_tool_use(
         return deny_answer(
             f"{tool_name} was not run: this run serves no chat, so there is nobody to ask."
         )
-    ruled = policy(settings, tool_name, read_only)
+    ruled = policy(settings, tool_name, read_only, chat_id)
     if ruled is not None:
         record(
             store,
@@ -346,7 +394,7 @@ async def decide_tool_use(
         store, approval.id, settings.approval_timeout_seconds, on_wait, heartbeat_seconds
     )
     if decided.status == "pending":
-        meaning = settings.approval_on_timeout
+        meaning = on_timeout(settings, chat_id)
         decided = expire(
             store,
             approval.id,
@@ -376,18 +424,25 @@ async def wait_for_decision(
     on_wait: Callable[[float], Awaitable[None]] | None = None,
     heartbeat_seconds: float = 5.0,
 ) -> Approval:
-    """Poll the row until it is decided or the timeout passes (then it is still pending)."""
+    """Read the row until it is decided or the timeout passes (then it is still pending): at
+    once when an answer arrives in this process, else every ``POLL_SECONDS``."""
     started = time.monotonic()
     next_beat = started + heartbeat_seconds
-    while True:
-        approval = get(store, approval_id)
-        assert approval is not None
-        if approval.status != "pending":
-            return approval
-        moment = time.monotonic()
-        if moment - started >= timeout_seconds:
-            return approval
-        if on_wait is not None and moment >= next_beat:
-            next_beat = moment + heartbeat_seconds
-            await on_wait(moment - started)
-        await asyncio.sleep(POLL_SECONDS)
+    changed, unsubscribe = waker()
+    try:
+        while True:
+            changed.clear()
+            approval = get(store, approval_id)
+            assert approval is not None
+            if approval.status != "pending":
+                return approval
+            moment = time.monotonic()
+            if moment - started >= timeout_seconds:
+                return approval
+            if on_wait is not None and moment >= next_beat:
+                next_beat = moment + heartbeat_seconds
+                await on_wait(moment - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), POLL_SECONDS)
+    finally:
+        unsubscribe()

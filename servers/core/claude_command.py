@@ -37,6 +37,7 @@ class ClaudeRun:
     disallowed_tools: Sequence[str] = ()  # added to protected_path_rules(), never replacing them
     append_system_prompt: str | None = None
     permission_prompt_tool: str | None = None  # mcp__<server>__<tool> asked about other tools
+    max_budget_usd: float | None = None  # Claude Code stops the run itself past this cost
     workdir: Path | None = None
     timeout_seconds: float | None = None
     env: Mapping[str, str] | None = None
@@ -80,6 +81,8 @@ def build_argv(claude_bin: str, run: ClaudeRun) -> list[str]:
         argv += ["--append-system-prompt", run.append_system_prompt]
     if run.permission_prompt_tool:
         argv += ["--permission-prompt-tool", run.permission_prompt_tool]
+    if run.max_budget_usd is not None:
+        argv += ["--max-budget-usd", f"{run.max_budget_usd:.6f}"]
     return argv
 
 
@@ -95,7 +98,9 @@ def secret_env_names() -> set[str]:
 
     from servers.core.settings import Settings
 
-    names: set[str] = set()
+    # The promise queue's URL may carry the Redis password; with it a run could write to the
+    # queue the daemon and the workers read (huey's payloads are pickles).
+    names: set[str] = {"VALOR_PROMISE_QUEUE_URL"}
     for name, info in Settings.model_fields.items():
         if SecretStr not in getattr(info.annotation, "__args__", (info.annotation,)):
             continue

@@ -131,6 +131,7 @@ class ResidentClaude:
     ):
         self.run = run
         self.chat_id = run.chat_id
+        self.pool_key: ConversationKey | None = run.chat_id  # WarmPool.add sets a topic's key
         self.store = store
         self.settings = settings
         self.claude_bin = claude_bin
@@ -507,15 +508,25 @@ class WarmLimits:
         )
 
 
+ConversationKey = int | tuple[int, int]
+
+
+def conversation_key(chat_id: int, topic_id: int | None = None) -> ConversationKey:
+    """What a warm process is kept by: the chat, or (chat, topic) for a forum topic, which is a
+    conversation of its own (its own session, so its own process)."""
+    return chat_id if topic_id is None else (chat_id, topic_id)
+
+
 class WarmPool:
-    """The warm processes of one bridge, by chat, least recently used first."""
+    """The warm processes of one bridge, by conversation (a chat, or a chat's forum topic:
+    ``conversation_key``), least recently used first."""
 
     def __init__(self, limits: WarmLimits, token_ttl_margin: float):
         self.limits = limits
         # A process's tools token outlives it: its age is capped, and a turn started just
         # before the cap may run a whole timeout more.
         self.token_ttl_seconds = limits.max_age_seconds + token_ttl_margin + TOKEN_MARGIN_SECONDS
-        self._processes: OrderedDict[int, ResidentClaude] = OrderedDict()
+        self._processes: OrderedDict[ConversationKey, ResidentClaude] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
         self._starting = 0  # slots reserved by processes being started
         self._sweeper: asyncio.Task[None] | None = None
@@ -530,7 +541,7 @@ class WarmPool:
     def __len__(self) -> int:
         return len(self._processes)
 
-    def get(self, chat_id: int) -> ResidentClaude | None:
+    def get(self, chat_id: ConversationKey) -> ResidentClaude | None:
         """The chat's live process, marked most recently used; None when there is none (or it
         ended, or is due for renewal: it is closed first)."""
         resident = self._processes.get(chat_id)
@@ -574,17 +585,19 @@ class WarmPool:
     def release_room(self) -> None:
         self._starting = max(0, self._starting - 1)
 
-    def add(self, resident: ResidentClaude) -> None:
+    def add(self, resident: ResidentClaude, key: ConversationKey | None = None) -> None:
+        """Keep ``resident`` under ``key`` (default: its chat)."""
         assert resident.chat_id is not None
+        resident.pool_key = key if key is not None else resident.chat_id
         self.release_room()
-        self._processes[resident.chat_id] = resident
-        self._processes.move_to_end(resident.chat_id)
+        self._processes[resident.pool_key] = resident
+        self._processes.move_to_end(resident.pool_key)
         self.started_total += 1
         self.peak = max(self.peak, len(self._processes) + len(self._closing))  # all alive
 
     def after_turn(self, resident: ResidentClaude) -> None:
         """Renew a process that reached a limit now, so the next message starts fresh."""
-        chat_id = resident.chat_id
+        chat_id = resident.pool_key
         if self._processes.get(chat_id) is not resident:  # type: ignore[arg-type]
             self._close_later(resident, "replaced")  # taken out mid-turn (``/new``)
             return
@@ -592,7 +605,7 @@ class WarmPool:
         if reason is not None:
             self.discard(chat_id, reason)  # type: ignore[arg-type]
 
-    def discard(self, chat_id: int, reason: str) -> None:
+    def discard(self, chat_id: ConversationKey, reason: str) -> None:
         """Take the chat's process out of the pool and close it in the background."""
         resident = self._processes.pop(chat_id, None)
         if resident is not None:
@@ -606,7 +619,7 @@ class WarmPool:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def close_chat(self, chat_id: int, reason: str) -> None:
+    async def close_chat(self, chat_id: ConversationKey, reason: str) -> None:
         """Take the chat's process out and wait until it has ended (``/new``); one running a
         turn finishes it first (``after_turn`` closes it then)."""
         resident = self._processes.pop(chat_id, None)
@@ -649,8 +662,8 @@ class WarmPool:
         while self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 
-    def chats(self) -> list[int]:
+    def chats(self) -> list[ConversationKey]:
         return list(self._processes)
 
-    def process_of(self, chat_id: int) -> ResidentClaude | None:
+    def process_of(self, chat_id: ConversationKey) -> ResidentClaude | None:
         return self._processes.get(chat_id)

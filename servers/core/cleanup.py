@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from servers.core.health import LONG_RUNNING_KINDS, is_stale
+from servers.core.model_results import bytes_text, duration_text, human_bytes
 from servers.core.processes import (
     caller_and_ancestors,
     end_process_tree_blocking,
@@ -38,6 +39,7 @@ class ProcessAction(BaseModel):
     kind: str
     command: str
     age_hours: float | None = Field(description="Since the OS started it; None when gone")
+    age = duration_text("age_hours", unit="hours")
     outcome: ProcessOutcome
     reason: str
     terminated: list[int] = Field(default_factory=list, description="Ended by SIGTERM")
@@ -47,12 +49,16 @@ class ProcessAction(BaseModel):
 class FileAction(BaseModel):
     path: str
     bytes: int
+    size = bytes_text("bytes")
     age_hours: float
+    age = duration_text("age_hours", unit="hours")
 
 
 class StoreMaintenance(BaseModel):
     bytes_before: int
     bytes_after: int
+    size_before = bytes_text("bytes_before")
+    size_after = bytes_text("bytes_after")
     tool_calls_pruned: int
     sessions_pruned: int
     checkpointed: bool
@@ -65,6 +71,7 @@ class CleanupReport(BaseModel):
     processes: list[ProcessAction]
     temp_files: list[FileAction] = Field(description="Removed (or, in a dry run, to remove)")
     temp_bytes: int
+    temp_size = bytes_text("temp_bytes")
     temp_dirs_refused: list[str] = Field(
         description=f"Not cleaned: outside the data directory and without a {TEMP_MARKER} marker"
     )
@@ -311,7 +318,7 @@ def cleanup(
     summary = (
         f"{'Dry run: ' if dry_run else ''}{verb} end {ended} stale process(es), close "
         f"{closed} registration(s) of processes already gone, remove {len(files)} temporary "
-        f"file(s) ({temp_bytes} bytes), prune {maintenance.tool_calls_pruned} old tool-call "
+        f"file(s) ({human_bytes(temp_bytes)}), prune {maintenance.tool_calls_pruned} old tool-call "
         f"record(s)."
     )
     return CleanupReport(

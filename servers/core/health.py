@@ -32,6 +32,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from servers.core.model_results import (
+    bytes_text,
+    human_bytes,
+    human_percent,
+    iso_time,
+    percent_text,
+)
 from servers.core.processes import RegisteredProcess, matching_process, running_registrations
 from servers.core.store import Store
 
@@ -172,6 +179,9 @@ class MachineStats(BaseModel):
     disk_path: str = Field(description="The filesystem holding the data directory")
     disk_percent: float
     disk_free_bytes: int
+    memory_used = bytes_text("memory_used_bytes")
+    memory_total = bytes_text("memory_total_bytes")
+    disk_free = bytes_text("disk_free_bytes")
 
 
 class ProcessGroup(BaseModel):
@@ -180,6 +190,7 @@ class ProcessGroup(BaseModel):
     pids: list[int]
     rss_bytes: int = Field(description="Resident memory of the processes and their children")
     cpu_percent: float = Field(description="Summed over processes and children (100 = one core)")
+    rss = bytes_text("rss_bytes")
 
 
 class ToolStats(BaseModel):
@@ -188,6 +199,7 @@ class ToolStats(BaseModel):
     calls: int
     failures: int
     success_rate: float
+    success = percent_text("success_rate")
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     latency_max_ms: float | None
@@ -212,7 +224,7 @@ class Alert(BaseModel):
 
 
 class HealthReport(BaseModel):
-    generated_at: float = Field(description="Unix time")
+    generated_at: str = Field(description="ISO 8601, UTC")
     score: int = Field(description="100 - sum of alert penalties, at least 0")
     status: Literal["healthy", "degraded", "critical"]
     machine: MachineStats
@@ -227,10 +239,12 @@ class HealthReport(BaseModel):
     window_hours: float
     tool_calls: int
     tool_success_rate: float | None = Field(description="None with no calls in the window")
+    tool_success = percent_text("tool_success_rate")
     tools: list[ToolStats]
     queues: dict[str, int] = Field(description="Pending work per queue (absent: no such queue)")
     queue_depth: int
     store_bytes: int
+    store = bytes_text("store_bytes")
     alerts: list[Alert]
 
 
@@ -430,7 +444,7 @@ def collect_health(
     failures = sum(t.failures for t in tools)
     queues = queue_depths(store)
     report = HealthReport(
-        generated_at=now,
+        generated_at=iso_time(now),
         score=100,
         status="healthy",
         machine=machine,
@@ -466,7 +480,7 @@ def observed_metrics(report: HealthReport) -> dict[str, tuple[float, str]]:
         "disk_percent": (report.machine.disk_percent, f"disk use at {report.machine.disk_path}"),
         "stale_processes": (report.stale_processes, "stale Valor-started processes"),
         "queue_depth": (report.queue_depth, "pending work in the queues"),
-        "store_bytes": (report.store_bytes, "store size in bytes"),
+        "store_bytes": (report.store_bytes, "store size"),
     }
     if report.tool_success_rate is not None and report.tool_calls >= MIN_CALLS_FOR_RATE:
         observed["tool_success_rate"] = (
@@ -491,6 +505,15 @@ def observed_metrics(report: HealthReport) -> dict[str, tuple[float, str]]:
     return observed
 
 
+def _read(metric: str, value: float) -> str:
+    """A judged figure as the alert's message shows it: sizes and rates in a person's units."""
+    if metric.endswith("_bytes"):
+        return str(human_bytes(value))
+    if metric.endswith("_rate"):
+        return str(human_percent(value))
+    return f"{value:g}"
+
+
 def score_report(report: HealthReport) -> HealthReport:
     """Fill in alerts, score and status from the measured figures (see the module docstring)."""
     alerts = []
@@ -508,7 +531,8 @@ def score_report(report: HealthReport) -> HealthReport:
                 value=value,
                 threshold=crossed,
                 penalty=penalty,
-                message=f"{what} is {value:g} ({severity}: {comparison} {crossed:g})",
+                message=f"{what} is {_read(metric, value)} ({severity}: {comparison} "
+                f"{_read(metric, crossed)})",
                 recommended_action=threshold.action,
             )
         )

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from servers.core import chat_memory
 from servers.core.errors import input_error
 from servers.core.store import Store, now
 
@@ -42,6 +43,13 @@ def record_message(store: Store, message: Message) -> bool:
 
 def record_messages(store: Store, messages: Iterable[Message]) -> int:
     """Store many messages in one transaction; returns how many were new."""
+    rows = message_rows(messages)
+    with store.transaction() as conn:
+        return write_rows(conn, rows)
+
+
+def message_rows(messages: Iterable[Message]) -> list[tuple]:
+    """The rows ``write_rows`` takes, checked."""
     rows = [
         (
             m.chat_id,
@@ -57,7 +65,13 @@ def record_messages(store: Store, messages: Iterable[Message]) -> int:
     for row in rows:
         if row[4] not in ("in", "out"):
             raise ValueError(f"direction must be 'in' or 'out', not {row[4]!r}")
-    with store.transaction() as conn, _page_cache_for(conn, len(rows)):
+    return rows
+
+
+def write_rows(conn: sqlite3.Connection, rows: list[tuple]) -> int:
+    """Insert ``message_rows`` inside the caller's transaction (an import writes many batches
+    in one, so a failure leaves nothing half-imported); returns how many were new."""
+    with _page_cache_for(conn, len(rows)):
         (last_id,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         cursor = conn.executemany(
             """
@@ -74,6 +88,9 @@ def record_messages(store: Store, messages: Iterable[Message]) -> int:
             "SELECT id, text, chat_key FROM messages WHERE id > ?",
             (last_id,),
         )
+        # The chat memory learns from the new rows in the same transaction (chat_memory.py).
+        new_rows = rows if inserted == len(rows) else _rows_after(conn, last_id)
+        chat_memory.remember(conn, new_rows)
         if inserted < len(rows):
             # Redelivered or edited messages: update only rows whose text actually changed.
             conn.executemany(
@@ -84,6 +101,15 @@ def record_messages(store: Store, messages: Iterable[Message]) -> int:
                 [(r[5], r[2], r[0], r[1], r[5], r[2]) for r in rows],
             )
     return inserted
+
+
+def _rows_after(conn: sqlite3.Connection, last_id: int) -> list[tuple]:
+    """The rows inserted after ``last_id``, in the order ``record_messages`` builds them."""
+    return conn.execute(
+        "SELECT chat_id, message_id, sender, sender_id, direction, text, sent_at FROM messages "
+        "WHERE id > ? ORDER BY id",
+        (last_id,),
+    ).fetchall()
 
 
 BULK_ROWS = 1_000

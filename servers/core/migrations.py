@@ -4,7 +4,7 @@ Each version is a list of statements run in one transaction. Versions are never 
 landed; a change is a new version. Reserved numbers keep parallel work from colliding:
 1 foundation (messages, processes), 2 links (social-tools), 3 tool calls and Claude Code sessions
 (monitoring), 4 bridge (inbox, chat sessions, outbox), 5 daemon (daydream sessions, promises),
-6 issued bearer tokens (auth), 7 approvals.
+6 issued bearer tokens (auth), 7 approvals, 8 chat memory.
 """
 
 from __future__ import annotations
@@ -294,5 +294,105 @@ MIGRATIONS: dict[int, list[str]] = {
         )
         """,
         "CREATE INDEX approval_grants_live ON approval_grants (chat_id, tool_name, ended_at)",
+    ],
+    # 8: chat memory: the facts of a chat's whole history (decisions, ids, names, paths,
+    # questions), extracted as messages are recorded, one row per distinct fact, each pointing
+    # at the newest message that stated it (servers/core/chat_memory.py).
+    8: [
+        """
+        CREATE TABLE chat_memory (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,
+            sent_at REAL NOT NULL,
+            priority INTEGER NOT NULL,
+            sender TEXT NOT NULL DEFAULT '',
+            text TEXT NOT NULL,
+            fact_key TEXT NOT NULL,
+            mentions INTEGER NOT NULL DEFAULT 1,
+            UNIQUE (chat_id, fact_key)
+        )
+        """,
+        "CREATE INDEX chat_memory_ranked ON chat_memory (chat_id, priority, sent_at DESC)",
+    ],
+    # 9: spending: each bridge run's cost with its time (daily windows per chat and overall),
+    # the warnings already sent per window, and messages held back by a spending cap (still
+    # open in the inbox; released when the window resets or the cap is raised).
+    9: [
+        """
+        CREATE TABLE spending (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL,
+            cost_usd REAL NOT NULL,
+            session_id TEXT,
+            inbox_id INTEGER,
+            recorded_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX spending_by_time ON spending (recorded_at)",
+        "CREATE INDEX spending_by_chat ON spending (chat_id, recorded_at)",
+        """
+        CREATE TABLE spending_warnings (
+            chat_id INTEGER NOT NULL,
+            cap TEXT NOT NULL,
+            day TEXT NOT NULL,
+            sent_at REAL NOT NULL,
+            PRIMARY KEY (chat_id, cap, day)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE spending_holds (
+            inbox_id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            held_at REAL NOT NULL
+        )
+        """,
+    ],
+    # 10: the answer each inbox row is delivering and how much of it went out (parts, their
+    # message ids, files), so a bridge stopped between parts sends only the missing ones.
+    10: [
+        """
+        CREATE TABLE bridge_deliveries (
+            inbox_id INTEGER PRIMARY KEY,
+            answer TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('done', 'failed', 'cancelled')),
+            error TEXT,
+            files TEXT NOT NULL DEFAULT '[]',
+            parts_sent INTEGER NOT NULL DEFAULT 0,
+            message_ids TEXT NOT NULL DEFAULT '[]',
+            files_sent TEXT NOT NULL DEFAULT '[]',
+            updated_at REAL NOT NULL
+        )
+        """,
+    ],
+    # 11: forum topics. A topic is its own conversation: the inbox row keeps its topic (a
+    # recovered row still answers there), sessions are keyed by chat and topic (0: the chat
+    # itself, the General topic; SQLite keys cannot hold NULL as a value), and history rows
+    # carry their topic so a search or the context block can be scoped to one.
+    11: [
+        "ALTER TABLE bridge_inbox ADD COLUMN topic_id INTEGER",
+        """
+        CREATE TABLE chat_sessions_by_topic (
+            chat_id INTEGER NOT NULL,
+            topic_id INTEGER NOT NULL DEFAULT 0,
+            session_id TEXT,
+            updated_at REAL NOT NULL,
+            last_cost_usd REAL,
+            last_duration_ms REAL,
+            total_cost_usd REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (chat_id, topic_id)
+        )
+        """,
+        """
+        INSERT INTO chat_sessions_by_topic (chat_id, topic_id, session_id, updated_at,
+            last_cost_usd, last_duration_ms, total_cost_usd)
+        SELECT chat_id, 0, session_id, updated_at, last_cost_usd, last_duration_ms,
+            total_cost_usd FROM chat_sessions
+        """,
+        "DROP TABLE chat_sessions",
+        "ALTER TABLE chat_sessions_by_topic RENAME TO chat_sessions",
+        "ALTER TABLE messages ADD COLUMN topic_id INTEGER",
+        "CREATE INDEX messages_by_topic_time ON messages (chat_id, topic_id, sent_at)",
     ],
 }

@@ -29,6 +29,7 @@ OPERATOR_TAG = "operator"  # the FastMCP tool tag marking operator-only tools
 OPERATOR_SCOPE = "operator"  # every tool
 CHAT_SCOPE = "chat"  # the tools a chat may use
 SERVER_SCOPE_PREFIX = "server:"  # "server:<server-name>" narrows which servers are seen
+WORKER_SCOPE = "worker"  # a promise worker: no tool; claims promises and gets their run tokens
 
 
 @dataclass(frozen=True)

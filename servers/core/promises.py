@@ -170,7 +170,13 @@ def _claude_code(
 
         relay = asyncio.create_task(relay_cancel())
         try:
-            runner = ClaudeRunner(get_store(settings.db_path), settings)
+            # A remote worker's tools bring their runner (its own store, events to Redis).
+            make_runner = getattr(tools, "runner", None)
+            runner = (
+                make_runner(settings)
+                if make_runner is not None
+                else ClaudeRunner(get_store(settings.db_path), settings)
+            )
             with tool_config:
                 outcome = await runner.run(request, cancel=stop)
         finally:
@@ -351,7 +357,9 @@ def enqueue_waiting(store: Store, queue: Huey, promise_id: int) -> bool:
             "WHERE id = ? AND status = 'waiting'",
             (task_id, now(), promise_id),
         ).rowcount
-    if not changed:  # cancelled between recording and queueing
+    # Not changed: cancelled between recording and queueing, or a worker already claimed it (a
+    # blocking Redis pop can be quicker than this update).
+    if not changed and get_promise(store, promise_id).status == "cancelled":
         queue.revoke_by_id(task_id)
     return bool(changed)
 
@@ -373,7 +381,23 @@ def cancel_promise(store: Store, queue: Huey | None, promise_id: int) -> Promise
         raise input_error(f"Promise {promise_id} became {latest.status} before it was cancelled.")
     if queue is not None and promise.task_id and promise.status == "pending":
         queue.revoke_by_id(promise.task_id)  # the worker would skip it anyway
+    if queue is not None and promise.status == "running":
+        _signal_cancel(queue, promise_id)
     return get_promise(store, promise_id)
+
+
+def _signal_cancel(queue: Huey, promise_id: int) -> None:
+    """A remote worker cannot watch the store: on Redis, a key tells it (it polls twice a
+    second). Local workers see the status change in the store."""
+    from servers.core.workers import cancel_key, redis_of
+
+    redis = redis_of(queue)
+    if redis is None:
+        return
+    try:
+        redis.set(cancel_key(promise_id), "1", ex=7 * 86400)
+    except Exception as exc:  # cancelled in the store all the same; its result will be dropped
+        log.warning("promise %s: the cancel did not reach Redis (%s)", promise_id, exc)
 
 
 def _worker_identity() -> tuple[str, int, float]:
@@ -394,7 +418,7 @@ def execute_promise(
         claimed = conn.execute(
             "UPDATE promises SET status = 'running', started_at = ?, updated_at = ?, "
             "worker_host = ?, worker_pid = ?, worker_create_time = ? "
-            "WHERE id = ? AND status = 'pending'",
+            "WHERE id = ? AND status IN ('waiting', 'pending')",  # waiting: see enqueue_waiting
             (stamp, stamp, host, pid, create_time, promise_id),
         ).rowcount
     if not claimed:
@@ -460,14 +484,30 @@ def deliver(store: Store, promise: Promise) -> str:
     if promise.chat_id is None:
         note = "no chat: the result is kept for promise_status"
     else:
-        text = (
-            f"Promise #{promise.id} ({promise.kind}) {promise.status}: {promise.description}\n\n"
-            + (promise.result or promise.error or "")
+        text = delivery_text(
+            promise.id,
+            promise.kind,
+            promise.status,
+            promise.description,
+            promise.result,
+            promise.error,
         )
         note = queue_chat_message(store, promise.chat_id, text)
     with store.transaction() as conn:
         conn.execute("UPDATE promises SET delivery = ? WHERE id = ?", (note, promise.id))
     return note
+
+
+def delivery_text(
+    promise_id: int,
+    kind: str,
+    status: str,
+    description: str,
+    result: str | None,
+    error: str | None,
+) -> str:
+    """The chat's message for a finished promise."""
+    return f"Promise #{promise_id} ({kind}) {status}: {description}\n\n" + (result or error or "")
 
 
 def queue_chat_message(store: Store, chat_id: int, text: str, source: str = "promise") -> str:
@@ -499,7 +539,7 @@ def recover_interrupted(store: Store, queue: Huey) -> list[tuple[int, str]]:
         )
         if is_same_process(worker):
             continue
-        actions.append((promise.id, _recover_once(store, queue, promise, "crashed")))
+        actions.append((promise.id, recover_once(store, queue, promise, "crashed")))
     for promise in list_promises(store, "waiting", limit=10_000):
         if enqueue_waiting(store, queue, promise.id):
             actions.append((promise.id, "queued"))
@@ -511,13 +551,15 @@ def release_own_running(store: Store, queue: Huey) -> list[tuple[int, str]]:
     Each goes back to the queue once (the same rule as a crash), before its process is ended."""
     pid = os.getpid()
     return [
-        (promise.id, _recover_once(store, queue, promise, "was stopped"))
+        (promise.id, recover_once(store, queue, promise, "was stopped"))
         for promise in list_promises(store, "running", limit=10_000)
         if promise.worker_pid == pid and promise.worker_host == socket.gethostname()
     ]
 
 
-def _recover_once(store: Store, queue: Huey, promise: Promise, what: str) -> str:
+def recover_once(store: Store, queue: Huey, promise: Promise, what: str) -> str:
+    """A running promise whose worker ``what`` (crashed, was stopped): queued again the first
+    time, failed with a message the second. Returns "recovered" or "failed"."""
     stamp = now()
     if promise.recoveries >= 1:
         error = (
@@ -541,6 +583,17 @@ def _recover_once(store: Store, queue: Huey, promise: Promise, what: str) -> str
         )
     enqueue_waiting(store, queue, promise.id)
     return "recovered"
+
+
+def requeue_pending(store: Store, queue: Huey, promise_id: int) -> None:
+    """Queue a pending promise's task again (it left the queue but no worker claimed it); a
+    duplicate is harmless: only one claim of a pending promise succeeds."""
+    task_id = _enqueue(queue, promise_id)
+    with store.transaction() as conn:
+        conn.execute(
+            "UPDATE promises SET task_id = ?, updated_at = ? WHERE id = ? AND status = 'pending'",
+            (task_id, now(), promise_id),
+        )
 
 
 def queue_statistics(store: Store, since: float | None = None) -> dict[str, Any]:

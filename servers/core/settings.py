@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from servers.core.env_file import ENV_FILE_VARIABLE, REPO_ROOT, env_file_path
@@ -25,6 +25,16 @@ from servers.core.paths import default_data_dir
 __all__ = ["REPO_ROOT", "Settings", "get_settings", "settings_problems", "validate_settings"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ChatApprovalPolicy(BaseModel):
+    """One chat's approval policy, on top of the global one (``VALOR_APPROVAL_CHAT_POLICIES``)."""
+
+    never_ask: list[str] = Field(default_factory=list, description="Added to the global list.")
+    always_deny: list[str] = Field(default_factory=list, description="Added to the global list.")
+    on_timeout: Literal["deny", "allow"] | None = Field(
+        default=None, description="Replaces VALOR_APPROVAL_ON_TIMEOUT for this chat."
+    )
 
 
 def _alias(*names: str) -> AliasChoices:
@@ -129,6 +139,24 @@ class Settings(BaseSettings):
     perplexity_model: str = Field(default="sonar")
     perplexity_timeout_seconds: float = Field(default=60.0, gt=0)
 
+    # --- speech to text for voice notes, audio and video notes (servers/core/transcription.py) ---
+    transcription_base_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible transcription endpoint, e.g. a local Whisper server "
+        "(default: VALOR_OPENAI_BASE_URL).",
+    )
+    transcription_api_key: SecretStr | None = Field(
+        default=None, description="Key for that endpoint (default: OPENAI_API_KEY)."
+    )
+    transcription_model: str = Field(default="whisper-1", description="Speech-to-text model.")
+    transcription_timeout_seconds: float = Field(default=120.0, gt=0)
+    transcription_max_upload_mb: float = Field(
+        default=24.0,
+        gt=0,
+        description="Largest file sent in one request (OpenAI: 25 MB); longer audio is split "
+        "with ffmpeg.",
+    )
+
     # --- Notion ---
     notion_api_key: SecretStr | None = Field(
         default=None, validation_alias=_alias("NOTION_API_KEY", "VALOR_NOTION_API_KEY")
@@ -228,6 +256,23 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Tools refused without asking (wins over every allow): names or prefixes.",
     )
+    approval_chat_policies: dict[int, ChatApprovalPolicy] = Field(
+        default_factory=dict,
+        description='Per chat id: {"never_ask": [...], "always_deny": [...], "on_timeout": ...}.',
+    )
+    # --- spending caps: a bridge run's cost (Claude Code's total_cost_usd), by UTC day ---
+    budget_per_run_usd: float | None = Field(
+        default=None, gt=0, description="Claude Code's own --max-budget-usd for each bridge run."
+    )
+    budget_per_chat_day_usd: float | None = Field(
+        default=None, gt=0, description="A chat's spend per UTC day before new runs are refused."
+    )
+    budget_per_day_usd: float | None = Field(
+        default=None, gt=0, description="All chats' spend per UTC day before new runs are refused."
+    )
+    budget_warn_fraction: float = Field(
+        default=0.7, gt=0, lt=1, description="The share of a daily cap that warns the chat once."
+    )
 
     # --- Telegram streaming: send budgets, receipts, media, catch-up ---
     telegram_per_chat_per_second: int = Field(
@@ -250,7 +295,7 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="How long a failing final answer is retried."
     )
     telegram_max_download_mb: float = Field(
-        default=20.0, gt=0, description="Largest incoming photo or document saved."
+        default=20.0, gt=0, description="Largest incoming photo, document or recording saved."
     )
     telegram_catch_up: bool = Field(
         default=True, description="Fetch messages missed while offline on connect."
@@ -295,6 +340,21 @@ class Settings(BaseSettings):
     )
     promise_workers: int = Field(default=2, ge=0, le=32)
     promise_timeout_seconds: float = Field(default=3600.0, gt=0)
+    # --- a remote promise worker (`valor worker` on another machine; servers/core/workers.py) ---
+    worker_tools_url: str | None = Field(
+        default=None,
+        description="The daemon's tools endpoint (its base URL) a remote worker reaches.",
+    )
+    worker_token: SecretStr | None = Field(
+        default=None, description="A remote worker's token (`valor token create --worker`)."
+    )
+    worker_heartbeat_seconds: float = Field(
+        default=15.0,
+        ge=0.5,
+        le=600,
+        description="A remote worker that has not refreshed its heartbeat in Redis for this long "
+        "is taken for dead; its promise is queued again once.",
+    )
 
     @property
     def daydream_insights_path(self) -> Path:

@@ -16,6 +16,7 @@ from servers.core.principals import (
     CHAT_SCOPE,
     OPERATOR_SCOPE,
     SERVER_SCOPE_PREFIX,
+    WORKER_SCOPE,
     Principal,
 )
 from servers.core.store import Store
@@ -58,9 +59,14 @@ def principal_for(
     scopes: list[str] | tuple[str, ...] = (),
     name: str | None = None,
     known_servers: tuple[str, ...] | None = None,
+    worker: bool = False,
 ) -> Principal:
     """The principal a new token grants: ``operator`` (every tool), a chat (its data and the
     tools a chat may use), optionally narrowed to some servers by ``server:<name>`` scopes."""
+    if worker:  # a remote promise worker's token grants no tool (servers.core.workers)
+        if chat_id is not None or operator or scopes:
+            raise ValueError("a worker token takes no --chat, --operator or --scope")
+        return Principal("worker", scopes=frozenset({WORKER_SCOPE}), name=name)
     granted = set(scopes)
     for scope in granted:
         if scope in (OPERATOR_SCOPE, CHAT_SCOPE):

@@ -3,17 +3,46 @@
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import itertools
 import struct
 import time
 import uuid
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .base import FakeService, RecordedRequest, Reply, sse
 
 ChatResponder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
+TranscriptionResponder = Callable[["Upload"], str]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A multipart form as the fake read it: text fields, and the file's name, type and bytes."""
+
+    fields: dict[str, str]
+    file_name: str
+    content_type: str
+    data: bytes
+
+
+def parse_multipart(request: RecordedRequest) -> Upload:
+    """A ``multipart/form-data`` body (what the SDK sends for audio), read with the stdlib."""
+    head = f"Content-Type: {request.headers.get('content-type', '')}\r\n\r\n".encode()
+    form = email.message_from_bytes(head + request.body, policy=email.policy.HTTP)
+    fields: dict[str, str] = {}
+    name, kind, data = "", "", b""
+    for part in form.iter_parts():
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            name, kind, data = part.get_filename(), part.get_content_type(), payload
+        else:
+            fields[str(part.get_param("name", header="content-disposition"))] = payload.decode()
+    return Upload(fields, name, kind, data)
 
 
 def tiny_png(width: int = 4, height: int = 4, rgb: tuple[int, int, int] = (200, 80, 40)) -> bytes:
@@ -38,7 +67,8 @@ class FakeOpenAI(FakeService):
     """`chat_reply` or `chat_responder(request_json) -> str | message dict` answers chats.
 
     A dict responder result is the assistant message, e.g. {"content": None, "tool_calls": [...]}.
-    Set `citations` (a list of URLs) to answer like Perplexity.
+    Set `citations` (a list of URLs) to answer like Perplexity. `transcript` (or
+    `transcription_responder(upload) -> str`) answers `/v1/audio/transcriptions`.
     """
 
     def __init__(self, required_api_key: str | None = None) -> None:
@@ -49,9 +79,12 @@ class FakeOpenAI(FakeService):
         self.models = ["gpt-4o-mini", "gpt-image-1", "sonar", "llama3.2"]
         self.image = tiny_png()
         self._image_numbers = itertools.count(1)
+        self.transcript = "Hello from the fake transcription."
+        self.transcription_responder: TranscriptionResponder | None = None
         self.route("POST", r"/v1/chat/completions", self._chat)
         self.route("POST", r"/v1/images/generations", self._images)
         self.route("GET", r"/v1/models", self._models)
+        self.route("POST", r"/v1/audio/transcriptions", self._transcription)
         self.route("GET", r"/files/(?P<name>[\w.-]+\.png)", lambda request, name: self._png())
         self.route("GET", r"/api/tags", self._ollama_tags)  # Ollama's native liveness probe
 
@@ -131,6 +164,23 @@ class FakeOpenAI(FakeService):
                 image = {"url": f"{self.url}/files/image-{next(self._image_numbers)}.png"}
             data.append({**image, "revised_prompt": body.get("prompt", "")})
         return {"created": int(time.time()), "data": data}
+
+    @property
+    def transcription_uploads(self) -> list[Upload]:
+        return [parse_multipart(r) for r in self.requests_to(r"/v1/audio/transcriptions", "POST")]
+
+    def _transcription(self, request: RecordedRequest) -> Reply | dict[str, Any]:
+        upload = parse_multipart(request)
+        if not upload.data or "model" not in upload.fields:
+            return self.error(400, "file and model are required")
+        text = (
+            self.transcription_responder(upload)
+            if self.transcription_responder
+            else self.transcript
+        )
+        if upload.fields.get("response_format") == "text":
+            return Reply(body=text, headers={"Content-Type": "text/plain"})
+        return {"text": text, "usage": {"type": "duration", "seconds": 1}}
 
     def _png(self) -> Reply:
         return Reply(body=self.image, headers={"Content-Type": "image/png"})

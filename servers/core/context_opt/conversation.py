@@ -100,7 +100,7 @@ class _Conversation:
         if not isinstance(messages, list):
             raise ContextInputError("messages must be a list of message objects.")
         self.messages = messages
-        n = self.n = len(messages)
+        self.n = len(messages)
         try:  # map() over dict.get keeps these per-message passes in C
             contents = list(map(dict.get, messages, repeat("content")))
             self.roles = list(map(dict.get, messages, repeat("role")))
@@ -120,6 +120,22 @@ class _Conversation:
         structured = sorted(found)
         for i in structured:
             contents[i] = message_text(messages[i])
+        self._analyse(contents, structured)
+
+    @classmethod
+    def of_texts(cls, texts: list[str], roles: list[str]) -> _Conversation:
+        """Plain texts with their roles, without message objects: chat memory classifies every
+        message recorded, and building a dict for each cost a fifth of that. (Stamps, speakers
+        and token costs read the message objects: they are not for this form.)"""
+        conv = cls.__new__(cls)
+        conv.messages = []
+        conv.n = len(texts)
+        conv.roles = roles
+        conv._analyse(list(texts), [])
+        return conv
+
+    def _analyse(self, contents: list[str], structured: list[int]) -> None:
+        n = self.n
         self.texts: list[str] = contents
         # UTF-8 sizes: len() for ASCII texts (str.isascii is O(1)), an encode for the others
         sizes = self.sizes = list(map(len, contents))
@@ -140,6 +156,8 @@ class _Conversation:
         self._speakers: dict[str, str] = {}
         self._stamps: dict[int, str] = {}
         self.lines_built: dict[int, str | None] = {}  # summary lines, by unit start
+        self.condensed_mean: float | None = None  # tokens of a condensed line, when sampled
+        self.condensed: dict[tuple[int, str, bool], str] = {}  # condensed lines, once each
 
     def _find_tool_units(self, structured: list[int]) -> None:
         messages, stale_keys = self.messages, {}

@@ -4,11 +4,16 @@ How the budget is spent:
 
 1. Always: system messages and the latest turn (the last user message and all after it). When
    they alone exceed the budget the longest are cut in the middle (head and tail kept, marked).
-2. A summary line for every CRITICAL message not shown (cut to equal shares when they do not
-   all fit; refused with ``ContextBudgetError`` below 12 tokens each — never dropped).
-3. Up to ``recent_turns`` earlier turns, verbatim, within half the budget.
+2. A summary line for every CRITICAL message not shown (condensed, then cut to equal shares
+   when they do not all fit; refused with ``ContextBudgetError`` below 12 tokens each — never
+   dropped).
+3. Up to ``recent_turns`` earlier turns, verbatim, within half the budget and leaving the room
+   the facts' condensed lines are expected to need.
 4. Summary lines for HIGH, then MEDIUM messages with facts, newest first: the sentences that
-   carry names, numbers, paths, URLs, decisions (and a user's questions).
+   carry names, numbers, paths, URLs, decisions (and a user's questions). When they do not all
+   fit, facts are condensed before any is dropped: in rank order each line (CRITICAL ones too)
+   takes the longest of its forms — whole, its fact clauses, those clauses without filler words
+   (``summaries.condense``) — that leaves room for the rest condensed.
 5. Whole units upgraded to verbatim (CRITICAL, HIGH, MEDIUM; newest first) while they fit.
 6. Then the newest remaining units (small talk too), verbatim, while they fit.
 7. With what is left, one line per batch of 20+ messages neither shown nor summarized.
@@ -60,6 +65,7 @@ from servers.core.context_opt.summaries import (
     _SUMMARY_HEADER,
     SUMMARY_NAME,
     _summary_line,
+    condense,
 )
 
 SMALL_TALK_BATCH = 20  # small-talk runs at least this long get their own summary line
@@ -71,6 +77,7 @@ CALIBRATION_LINES = 16  # summary lines counted exactly before the rest are esti
 LINE_ESTIMATE_MARGIN = 1.06
 MODEL_MARGIN_TOKENS = 8
 _SHORT_LINE_TOKENS = 16  # a summary line is rarely shorter ("#12 05-12 10:02 alice: …")
+_LONG_CONDENSED_TOKENS = 48  # a condensed line is rarely longer
 
 
 @dataclass
@@ -306,8 +313,10 @@ class _Plan:
             )
 
     def keep_recent_turns(self, turns: int) -> None:
+        """Up to ``turns`` - 1 earlier turns verbatim, within half the budget, and leaving the
+        room the facts' condensed lines are expected to need (``_fact_reserve``)."""
         conv, end = self.conv, _turn_start(self.conv, self.conv.n)
-        limit = self.budget // 2
+        limit = min(self.budget // 2, self.used + self.free - self._fact_reserve())
         for _ in range(max(0, turns - 1)):
             if end <= 0:
                 return
@@ -424,6 +433,9 @@ class _Plan:
         if not found:
             return
         room = self.free - (0 if self.lines else self.summary_base)
+        if sum(cost for _, _, cost in found) > room:  # condensed before anything is cut
+            found = [(i, short, self.line_cost(short)) for i, line, _ in found
+                     for short in [self._condensed(i, line)]]  # fmt: skip
         if sum(cost for _, _, cost in found) > room:
             share = room // len(found) - 1
             if share < 12:
@@ -442,22 +454,127 @@ class _Plan:
             self.used += cost
 
     def add_summary_lines(self) -> None:
-        """Lines for HIGH, then MEDIUM messages with facts, newest first, while they fit."""
+        """Lines for HIGH, then MEDIUM messages with facts, newest first. When they do not all
+        fit as they are, facts are condensed before any is dropped (``_fit_condensed``)."""
         conv = self.conv
-        misses = 0
+        room = self.free - (0 if self.lines else self.summary_base)
+        candidates: list[tuple[int, str, int]] = []
+        full_total = 0
         for i in self._candidates(levels=(HIGH, MEDIUM)):
             line = _summary_line(conv, i)
             if line is None:
                 continue
             cost = self.line_cost(line)
-            if cost <= self.free - (0 if self.lines else self.summary_base):
+            candidates.append((i, line, cost))
+            full_total += cost
+            if full_total > room:  # not all fit as they are
+                break
+        if full_total <= room:
+            for i, line, cost in candidates:
                 self.lines[i] = (line, cost, conv.prio[i])
                 self.used += cost
-                misses = 0
-            else:
+            return
+        self._fit_condensed(candidates)
+
+    def _fit_condensed(self, candidates: list[tuple[int, str, int]]) -> None:
+        """The lines do not all fit as they are. In rank order (CRITICAL, HIGH, MEDIUM; newest
+        first) each line takes the longest of its forms — whole, its fact clauses verbatim,
+        those clauses without filler words (``condense``) — that leaves room for every line
+        after it condensed (estimated from a sample), so facts are condensed before any is
+        dropped, and the most important keep the most words. CRITICAL lines are never dropped:
+        at worst they keep the form ``add_critical_lines`` gave them, which fitted alone."""
+        conv = self.conv
+        entries: list[tuple[int, str, int, int, str | None]] = []  # i, full, cost, level, kept
+        for i, (line, cost, level) in sorted(self.lines.items(), key=lambda e: -e[0]):
+            full = conv.lines_built.get(i) or line
+            entries.append((i, full, cost if full == line else self.line_cost(full), level, line))
+            self.used -= cost
+        self.lines.clear()
+        room = self.free - self.summary_base
+        ratio = self._condensed_ratio(entries, candidates)
+        estimate = sum(cost for *_, cost in candidates) * ratio
+        misses = 0
+        rest = self._candidates(levels=(HIGH, MEDIUM))
+        seen = {i for i, _, _ in candidates}
+        pending = list(candidates)
+        for i in rest:  # past the first lines that overflowed: more, while they may fit condensed
+            if i in seen:
+                continue
+            if estimate > room * 1.25 or misses >= 32:
+                break
+            line = _summary_line(conv, i)
+            if line is None:
                 misses += 1
-                if misses >= 32:  # the budget is full: stop counting what cannot fit
+                continue
+            cost = self.line_cost(line)
+            pending.append((i, line, cost))
+            estimate += cost * ratio
+        entries.extend((i, line, cost, conv.prio[i], None) for i, line, cost in pending)
+        estimates = [cost * ratio for _, _, cost, _, _ in entries]
+        reserve = sum(estimates)
+        used = 0
+        for (i, full, full_cost, level, kept), guess in zip(entries, estimates, strict=True):
+            reserve -= guess
+            chosen = None
+            limit = room - max(reserve, 0) - used
+            if full_cost <= limit:
+                chosen = (full, full_cost)
+            else:  # the shortest form first: when even it leaves no room, the clauses cannot
+                line = self._condensed(i, full)
+                cost = tokens.count(line) + 1
+                if cost <= limit:
+                    chosen = (line, cost)
+                    clauses = self._condensed(i, full, drop_filler=False)
+                    if clauses != line:
+                        clauses_cost = tokens.count(clauses) + 1
+                        if clauses_cost <= limit:
+                            chosen = (clauses, clauses_cost)
+                elif used + cost <= room:  # condensed, though the later ones may not fit
+                    chosen = (line, cost)
+            if chosen is None and kept is not None:  # a CRITICAL line stays, as it was given
+                chosen = (kept, tokens.count(kept) + 1)
+            if chosen is not None:
+                self.lines[i] = (chosen[0], chosen[1], level)
+                used += chosen[1]
+        self.used += used
+
+    def _condensed_ratio(self, *groups: list) -> float:
+        """Tokens of a condensed line per token of the whole line, from up to 8 lines."""
+        sample = [entry for group in groups for entry in group][:8]
+        short = sum(tokens.count(self._condensed(i, line)) + 1 for i, line, *_ in sample)
+        whole = sum(cost for _i, _line, cost, *_ in sample)
+        return min(1.0, short / whole) if whole else 1.0
+
+    def _condensed(self, i: int, line: str, drop_filler: bool = True) -> str:
+        """The summary line of unit ``i`` condensed: no time stamp, the text ``condense``d."""
+        conv = self.conv
+        known = conv.condensed.get((i, line, drop_filler))
+        if known is None:  # once per conversation: both plans may ask
+            prefix = f"#{i}{conv.stamp(i)} {conv.speaker(i)}: "
+            text = line[len(prefix) :] if line.startswith(prefix) else line
+            known = f"#{i} {conv.speaker(i)}: {condense(text, drop_filler=drop_filler)}"
+            conv.condensed[i, line, drop_filler] = known
+        return known
+
+    def _fact_reserve(self) -> int:
+        """Tokens the condensed lines of the HIGH and MEDIUM units with a fact are expected to
+        need: their number times the mean cost of up to 8 of the newest, condensed."""
+        conv, prio, n = self.conv, self.conv.prio, self.conv.n
+        with_fact = (int.from_bytes(prio) << 2) + int.from_bytes(conv.has_fact)
+        count = prio.count(HIGH) + with_fact.to_bytes(n).count(MEDIUM * 4 + 1)
+        if count == 0 or count * _LONG_CONDENSED_TOKENS <= self.free - self.budget // 2:
+            return 0  # half the budget is left for them anyway: no need to look closer
+        mean = conv.condensed_mean
+        if mean is None:  # the same for every plan of this conversation: found once
+            sample = []
+            for i in self._candidates(levels=(HIGH, MEDIUM)):
+                line = _summary_line(conv, i)
+                if line is not None:
+                    sample.append(tokens.count(self._condensed(i, line)) + 1)
+                if len(sample) == 8:
                     break
+            mean = conv.condensed_mean = sum(sample) / len(sample) if sample else _SHORT_LINE_TOKENS
+        return int(count * mean) + (0 if self.lines else self.summary_base)
 
     def add_small_talk_batches(self) -> None:
         """With what is left: one line per long run of messages neither shown nor summarized."""

@@ -119,26 +119,35 @@ def _build_summary_line(conv: _Conversation, i: int) -> str | None:
         body = one_line(" → ".join(_clip(one_line(conv.texts[k])) for k in range(start, end)))
         text = _clip(body)
     else:
-        start, starts, firsts = i, conv.starts, conv._firsts
-        block = bisect_right(firsts, i) - 1  # the scanned block holding the message
-        raw, base = conv._raws[block], starts[firsts[block]]
-        marks = conv.marks.get(i)
-        spans = _fact_spans(
-            raw,
-            conv._classes[block],
-            starts[i] + 1 - base,
-            starts[i + 1] - base,
-            marks=[position - base for position in marks] if marks else (),
-            question=conv.roles[i] == "user",
-        )
-        sentences = _sentences(raw, spans)
-        if not sentences and conv.prio[i] <= HIGH:
-            first = _SENTENCE_SPLIT.split(conv.texts[i].strip(), maxsplit=1)[0]
-            sentences = [_clip(one_line(first))] if first.strip() else []
+        start = i
+        sentences = message_facts(conv, i)
         if not sentences:
             return None
         text = " ".join(sentences)
     return f"#{start}{conv.stamp(start)} {conv.speaker(start)}: {text}"
+
+
+def message_facts(conv: _Conversation, i: int) -> list[str]:
+    """The fact-carrying sentences of message ``i`` (for a CRITICAL or HIGH message without
+    one, its first sentence), found in the block the analysis scanned. Chat memory stores
+    these, so a summary line and a memory item say the same thing."""
+    starts, firsts = conv.starts, conv._firsts
+    block = bisect_right(firsts, i) - 1  # the scanned block holding the message
+    raw, base = conv._raws[block], starts[firsts[block]]
+    marks = conv.marks.get(i)
+    spans = _fact_spans(
+        raw,
+        conv._classes[block],
+        starts[i] + 1 - base,
+        starts[i + 1] - base,
+        marks=[position - base for position in marks] if marks else (),
+        question=conv.roles[i] == "user",
+    )
+    sentences = _sentences(raw, spans)
+    if not sentences and conv.prio[i] <= HIGH:
+        first = _SENTENCE_SPLIT.split(conv.texts[i].strip(), maxsplit=1)[0]
+        sentences = [_clip(one_line(first))] if first.strip() else []
+    return sentences
 
 
 _SUMMARY_HEADER = (
@@ -146,3 +155,54 @@ _SUMMARY_HEADER = (
     "and questions; #N = message number; times UTC):"
 )
 _MODEL_HEADER = "Earlier conversation, summarized by a model:"
+
+
+# Words that carry no fact: articles, discourse fillers, intensifiers, hedges. Prepositions and
+# verbs stay (they carry the relation: "moved *to* Postgres"); entities always stay.
+_FILLER = frozenset(
+    (
+        "a", "an", "the", "just", "really", "very", "quite", "pretty", "basically", "actually",
+        "honestly", "literally", "like", "well", "so", "um", "uh", "oh", "hmm", "anyway",
+        "anyways", "okay", "ok", "yeah", "yep", "lol", "haha", "maybe", "probably", "perhaps",
+        "somehow", "kinda", "sorta", "also", "too", "now", "then", "again", "still", "already",
+        "even", "simply", "totally",
+    )
+)  # fmt: skip
+_FILLER_PHRASES = re.compile(
+    r"\b(?:by the way|you know|i mean|i think|i guess|to be honest|as far as i know|"
+    r"kind of|sort of|at the end of the day|for what it's worth)\b,?\s*",
+    re.IGNORECASE,
+)
+_CLAUSE_SPLIT = re.compile(r"(?<=[,;:])\s+|\s+[—–-]\s+|(?<=[.!?…])\s+")
+_ENTITY = re.compile(r"\d{2,}|[/\\@`#]|://|[A-Z][\w'-]*[A-Z0-9]|\w+\.\w+")
+_CAPITALIZED = re.compile(r"(?<=\s)[A-Z][\w'-]+")
+
+
+def condense(text: str, *, drop_filler: bool = True) -> str:
+    """``text`` with its filler dropped and its entities kept: the clauses that carry a fact
+    (a number, name, path, URL, handle, code, decision or question), each without filler words
+    (``drop_filler``; without it the clauses stay verbatim). Used when a summary line or a
+    memory item does not fit as it is."""
+    clauses = [c for c in _CLAUSE_SPLIT.split(one_line(text)) if c]
+    if not clauses:
+        return ""
+    marker = _automaton(CRITICAL)[0]
+    kept = [
+        c
+        for c in clauses
+        if _ENTITY.search(c)
+        or _CAPITALIZED.search(" " + c[1:] if c else c)
+        or "?" in c
+        or any(True for _ in marker.find_matches_as_indexes(c.lower().encode()))
+    ] or clauses[:1]
+    if not drop_filler:
+        return " ".join(kept)
+    words = []
+    for clause in kept:
+        clause = _FILLER_PHRASES.sub("", clause)
+        for word in clause.split():
+            bare = word.strip(".,;:!?…\"'()").lower()
+            if bare in _FILLER and word == word.lower():
+                continue
+            words.append(word)
+    return " ".join(words).rstrip(",;:") or one_line(text)
