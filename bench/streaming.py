@@ -12,6 +12,10 @@ showing it (or a later version) arrived at Telegram. Two policies run side by si
 loop, each against its own simulated Telegram:
 
 * live   — bridge.live.LiveReply with bridge.rate.RateController (Valor's policy);
+* drafts — the same LiveReply where the transport streams drafts (a Telegram bot: private chats
+           stream a draft, sendMessageDraft / sendMessageTextDraftAction, and the final answer
+           is sent; groups keep editing). Telegram documents no separate draft limit, so the
+           simulation counts a draft update like an edit (the rate controller does the same);
 * fixed  — the original fixed-interval policy: an edit every 2 s for text, 2.5 s while a tool
            runs, 3 s while a code block is open; no shared budget, retry_after not honoured
            (a refused edit is dropped); the final answer replaces the live text by an edit,
@@ -35,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bridge.live import LiveReply
+from bridge.live import DRAFT_REFRESH_SECONDS, LiveReply
 from bridge.rate import Limits, RateController
 from bridge.transport import SentMessage
 from servers.core.errors import Category, ValorError
@@ -53,6 +57,8 @@ class ChatLog:
     injected_floods: int = 0
     edits: int = 0
     sends: int = 0
+    drafts: int = 0
+    deletes: int = 0  # a live message removed after the final answer went out
     final_at: float | None = None
     finish_called_at: float | None = None
 
@@ -131,6 +137,7 @@ class SimulatedTelegram:
 
     async def delete_message(self, message):
         await self._arrive(message.chat_id)
+        self.logs[message.chat_id].deletes += 1
 
     async def send_file(self, chat_id, path, *, caption="", reply_to=None):
         await self._arrive(chat_id)
@@ -139,6 +146,18 @@ class SimulatedTelegram:
 
     async def signal(self, chat_id, kind, *, message_id=None):
         return None
+
+
+class DraftingTelegram(SimulatedTelegram):
+    """The simulated Telegram of a bot: drafts in private chats, under the same limits."""
+
+    def drafts_enabled(self, chat_id: int) -> bool:
+        return chat_id > 0
+
+    async def send_draft(self, chat_id, draft_id, text, *, topic_id=None):
+        at = await self._arrive(chat_id)
+        self.logs[chat_id].drafts += 1
+        self._seen(chat_id, at, str(text))
 
 
 class FixedIntervalReply:
@@ -243,14 +262,22 @@ def pct(values: list[float], q: float) -> float:
 async def run_policy(policy: str, chat_ids: list[int], args, seed: int) -> SimulatedTelegram:
     scale = args.time_scale
     flooded = chat_ids[2]
-    telegram = SimulatedTelegram(scale, flooded, args.long_flood, seed)
+    kind = DraftingTelegram if policy == "drafts" else SimulatedTelegram
+    telegram = kind(scale, flooded, args.long_flood, seed)
     rate = RateController(Limits(time_scale=scale))
     rng = random.Random(seed + 1)
     tasks = []
     for chat_id in chat_ids:
         log = telegram.logs[chat_id] = ChatLog(chat_id, chat_id < 0)
-        if policy == "live":
-            sink = LiveReply(telegram, chat_id, 1, rate=rate, retry_backoff=0.5 * scale)
+        if policy in ("live", "drafts"):
+            sink = LiveReply(
+                telegram,
+                chat_id,
+                1,
+                rate=rate,
+                retry_backoff=0.5 * scale,
+                draft_refresh_seconds=DRAFT_REFRESH_SECONDS * scale,
+            )
         else:
             sink = FixedIntervalReply(telegram, chat_id, scale)
         tasks.append(stream_one(sink, log, random.Random(rng.random()), args.stream, scale))
@@ -273,7 +300,7 @@ def summarize(name: str, telegram: SimulatedTelegram, scale: float) -> dict:
         "p95_private": pct(p_st, 0.95),
         "p50_group": pct(g_st, 0.5),
         "p95_group": pct(g_st, 0.95),
-        "edits": sum(lg.edits + lg.sends for lg in telegram.logs.values()),
+        "edits": sum(lg.edits + lg.sends + lg.drafts + lg.deletes for lg in telegram.logs.values()),
         "finals": finals,
         "chats": len(telegram.logs),
         "flooded_final_after": (
@@ -316,22 +343,24 @@ async def scenario(n_chats: int, args) -> None:
         "flood wait on its 3rd call ==="
     )
     started = time.monotonic()
-    live, fixed = await asyncio.gather(
+    live, fixed, drafted = await asyncio.gather(
         run_policy("live", chat_ids, args, seed=n_chats),
         run_policy("fixed", chat_ids, args, seed=n_chats),
+        run_policy("drafts", chat_ids, args, seed=n_chats),
     )
     print(f"(wall time {time.monotonic() - started:.1f} s at time scale {args.time_scale})")
     if not args.quiet:
         print_chats(live, fixed, args.time_scale)
     print(
         "\nsummary (floods: refused calls beyond the injected one; staleness in seconds;"
-        " private excludes the flooded chat)"
+        " private excludes the flooded chat; drafts: private chats stream a draft)"
     )
     print(
         f"{'policy':16} {'floods':>6} {'p50 priv':>8} {'p95 priv':>8} {'p50 grp':>8} "
         f"{'p95 grp':>8} {'calls':>6} {'finals':>7} {'flooded final after':>20}"
     )
-    for name, telegram in (("live (Valor)", live), ("fixed 2-3 s", fixed)):
+    policies = (("live (Valor)", live), ("drafts (bot)", drafted), ("fixed 2-3 s", fixed))
+    for name, telegram in policies:
         s = summarize(name, telegram, args.time_scale)
         print(
             f"{name:16} {s['steady_floods']:6d} {s['p50_private']:8.2f} {s['p95_private']:8.2f} "

@@ -115,6 +115,8 @@ def mark_finished(store: Store, row_id: int, status: str, error: str | None = No
             "UPDATE bridge_inbox SET status = ?, finished_at = ?, error = ? WHERE id = ?",
             (status, now(), error, row_id),
         )
+        # what went out is only needed while the row is open (the answer is in the history)
+        conn.execute("DELETE FROM bridge_deliveries WHERE inbox_id = ?", (row_id,))
 
 
 def _topic_key(topic_id: int | None) -> int:

@@ -14,6 +14,13 @@ open and nothing is silently lost. Parts already delivered are never sent twice 
 file that cannot be uploaded is reported in the chat instead of failing an answer already out.
 
 Forum topics: every part, file and typing action goes to the topic the question came from.
+
+Drafts: where the transport can stream a draft (``DraftTransport``: a Telegram bot in a private
+chat), the answer grows as a draft instead of a sent-and-edited message; each draft update takes
+a slot of the rate controller like an edit (and a flood wait on its method holds it), an unchanged
+draft is shown again before Telegram lets it lapse, and the final answer is sent as message(s)
+as always. A draft Telegram refuses (other than a flood wait) ends drafting for the reply, which
+goes on with the live message.
 Flood waits hold what Telethon holds: the Telegram method, for every chat (``bridge.rate``).
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,7 +44,7 @@ from bridge.rate import (
     Limits,
     RateController,
 )
-from bridge.transport import ReplySink, SentMessage, Transport
+from bridge.transport import DraftTransport, ReplySink, SentMessage, Transport
 from servers.core.errors import Category, ValorError, describe_exception
 from servers.core.media import sendable_file
 from servers.core.safe_files import UnsafeFile
@@ -66,6 +74,8 @@ _MAX_PROGRESS_LINES = 3
 SEND_METHODS = ("SendMessageRequest",)
 EDIT_METHODS = ("EditMessageRequest",)
 DELETE_METHODS = ("DeleteMessagesRequest",)
+DRAFT_METHODS = ("SetTypingRequest",)  # a draft is a chat action (sendMessageTextDraftAction)
+DRAFT_REFRESH_SECONDS = 20.0  # an unchanged draft is shown again before it lapses
 FILE_METHODS = (
     "SendMediaRequest",
     "UploadMediaRequest",
@@ -102,6 +112,7 @@ class LiveReply(ReplySink):
         retry_backoff: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         topic_id: int | None = None,
+        draft_refresh_seconds: float = DRAFT_REFRESH_SECONDS,
     ):
         self.transport = transport
         self.chat_id = chat_id
@@ -129,6 +140,12 @@ class LiveReply(ReplySink):
         self._done = False
         self.edits_sent = 0
         self.flood_waits = 0
+        # Drafts instead of a live message, where the transport offers them for this chat.
+        drafts = transport if isinstance(transport, DraftTransport) else None
+        self._drafts = drafts if drafts is not None and drafts.drafts_enabled(chat_id) else None
+        self.draft_id = secrets.randbits(62) + 1  # non-zero; the same id animates the updates
+        self.draft_refresh_seconds = draft_refresh_seconds
+        self.drafts_sent = 0
         self.delivered: list[SentMessage] = []
         self._parts_out = 0  # parts of the final answer already delivered (never sent twice)
         self._files_out: set[Path] = set()
@@ -260,25 +277,48 @@ class LiveReply(ReplySink):
             return formatted
         return FormattedText(joined, formatted.entities)
 
+    @property
+    def drafting(self) -> bool:
+        """True while the answer streams as a draft (not as a live message)."""
+        return self._drafts is not None
+
+    async def _next_change(self) -> bool:
+        """Wait for a change; True when instead a shown draft is due to be shown again."""
+        if self._drafts is None or self._shown is None:
+            await self._changed.wait()
+            return False
+        try:
+            await asyncio.wait_for(self._changed.wait(), self.draft_refresh_seconds)
+        except TimeoutError:
+            return True
+        return False
+
     async def _preview_loop(self) -> None:
         while not self._done:
-            await self._changed.wait()
+            refresh = await self._next_change()
             self._changed.clear()
             if self._done:
                 return
-            if (self._text, self._progress) == self._shown_state:
+            if not refresh and (self._text, self._progress) == self._shown_state:
                 continue  # nothing new: do not spend a slot
-            methods = SEND_METHODS if self._live is None else EDIT_METHODS
+            drafts = self._drafts
+            if drafts is not None:
+                methods = DRAFT_METHODS
+            else:
+                methods = SEND_METHODS if self._live is None else EDIT_METHODS
             slot = await self.rate.acquire(
                 self.chat_id, is_group=self.is_group, priority=PRIORITY_EDIT, methods=methods
             )
             body = self._body()  # the newest state, taken after waiting: coalescing
-            if self._done or not body.strip() or body.plain() == self._shown:
+            if self._done or not body.strip() or (body.plain() == self._shown and not refresh):
                 continue
             state = (self._text, self._progress)
             self._in_call = True
             try:
-                if self._live is None:
+                if drafts is not None:
+                    await drafts.send_draft(self.chat_id, self.draft_id, body, **self._topic())
+                    self.drafts_sent += 1
+                elif self._live is None:
                     self._live = await self.transport.send_text(
                         self.chat_id, body, reply_to=self.reply_to, **self._topic()
                     )
@@ -291,6 +331,12 @@ class LiveReply(ReplySink):
                 if exc.category is Category.RATE_LIMIT:
                     self._flood(exc)
                     self._changed.set()  # try again once the chat may send
+                elif drafts is not None and exc.category not in _TRANSIENT:
+                    # Refused (not for this account or chat): the live message takes over.
+                    log.info("no drafts in chat %s (%s); editing a message", self.chat_id, exc)
+                    self._drafts = None
+                    self._shown = self._shown_state = None
+                    self._changed.set()
                 elif exc.category is Category.INPUT and self._live is not None:
                     # The preview is gone (deleted by the user) or may not be edited: stop
                     # previewing rather than failing on every change; the final still comes.
@@ -350,9 +396,13 @@ class LiveReply(ReplySink):
         now = self._clock()
         if not self.typing or now - self._last_typing < _TYPING_EVERY:
             return
+        if self._drafts is not None and self._shown is not None:
+            return  # the draft shows the answer being written; typing would replace it
         self._last_typing = now
         try:
-            await self.transport.signal(self.chat_id, "typing", message_id=self.reply_to)
+            await self.transport.signal(
+                self.chat_id, "typing", message_id=self.reply_to, **self._topic()
+            )
         except Exception as exc:  # a courtesy, never worth failing a reply
             log.debug("typing signal failed: %s", describe_exception(exc))
 
@@ -431,18 +481,21 @@ def limits_from_settings(settings: Settings | None = None) -> Limits:
 
 def live_reply_factory(
     rate: RateController | None = None, settings: Settings | None = None
-) -> Callable[[Transport, int, int | None], LiveReply]:
+) -> Callable[..., LiveReply]:
     """The pipeline's reply factory for Telegram: one shared rate controller per account."""
     from servers.core.settings import get_settings
 
     settings = settings or get_settings()
     controller = rate or RateController(limits_from_settings(settings))
 
-    def make(transport: Transport, chat_id: int, reply_to: int | None) -> LiveReply:
+    def make(
+        transport: Transport, chat_id: int, reply_to: int | None, topic_id: int | None = None
+    ) -> LiveReply:
         return LiveReply(
             transport,
             chat_id,
             reply_to,
+            topic_id=topic_id,  # kept in the inbox row: right after a restart too
             rate=controller,
             typing=settings.telegram_typing,
             final_retry_seconds=settings.telegram_final_retry_seconds,

@@ -42,7 +42,14 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import inbox
 from bridge.reply import editing_reply
-from bridge.transport import Button, ButtonTransport, IncomingMessage, ReplySink, Transport
+from bridge.transport import (
+    Button,
+    ButtonTransport,
+    IncomingMessage,
+    ReplySink,
+    SentMessage,
+    Transport,
+)
 from servers.core import approvals, history, outbox, spending
 from servers.core.claude_command import ClaudeRun
 from servers.core.claude_events import (
@@ -53,7 +60,13 @@ from servers.core.claude_events import (
     ToolResultEvent,
     ToolUseEvent,
 )
-from servers.core.claude_resident import ResidentClaude, WarmLimits, WarmPool
+from servers.core.claude_resident import (
+    ConversationKey,
+    ResidentClaude,
+    WarmLimits,
+    WarmPool,
+    conversation_key,
+)
 from servers.core.claude_runner import ClaudeRunner, RunOutcome
 from servers.core.errors import (
     Category,
@@ -66,11 +79,14 @@ from servers.core.mcp_config import HostedTools, private_run_file, use_servers
 from servers.core.store import Store
 
 if TYPE_CHECKING:
+    from servers.core.remote_runs import RemoteRunner
     from servers.core.settings import Settings
 
 log = logging.getLogger("valor.bridge")
 
-ReplyFactory = Callable[[Transport, int, int | None], ReplySink]
+# (transport, chat, message answered) → sink; a factory is also given ``topic_id=`` for a
+# message written in a forum topic (only then, so a factory that knows no topics still works)
+ReplyFactory = Callable[..., ReplySink]
 PROCESS_KIND = "claude-bridge"
 COMMANDS = ("/stop", "/new", "/status", "/cost")
 PERSONA_PATH = Path(__file__).with_name("persona.md")
@@ -91,8 +107,24 @@ def parse_command(text: str) -> str | None:
     return word if word in COMMANDS else None
 
 
+def in_topic(topic_id: int | None) -> dict[str, int]:
+    """The ``topic_id=`` keyword for a message written in a forum topic (nothing otherwise)."""
+    return {"topic_id": topic_id} if topic_id is not None else {}
+
+
+def key_of(row: inbox.InboxRow | IncomingMessage) -> ConversationKey:
+    """The conversation a message belongs to: its chat, or (chat, topic) in a forum topic."""
+    return conversation_key(row.chat_id, row.topic_id)
+
+
 def build_prompt(row: inbox.InboxRow, context_block: str | None = None) -> str:
     parts = [context_block] if context_block else []
+    if row.topic_id is not None:  # the tools read the whole chat unless told the topic
+        parts.append(
+            f"(This conversation is forum topic {row.topic_id} of the chat: pass "
+            f"topic_id={row.topic_id} to search_conversation_history or "
+            "get_conversation_context to stay in it.)"
+        )
     parts.append(row.text)
     if row.media_paths:
         parts.append("Attached files:\n" + "\n".join(f"- {path}" for path in row.media_paths))
@@ -138,6 +170,7 @@ class Bridge:
         stdio_mcp_config: Path | None = None,
         tools_base_url: str | None = None,
         tools_secret: bytes | None = None,
+        remote_runs: RemoteRunner | None = None,
     ):
         from servers.core.settings import get_settings
         from servers.core.store import get_store
@@ -154,14 +187,15 @@ class Bridge:
         # Without hosting, runs may use a stdio config instead (servers read VALOR_CHAT_ID).
         self.stdio_mcp_config = stdio_mcp_config
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
-        self._queues: dict[int, deque[int]] = {}
-        self._workers: dict[int, asyncio.Task[None]] = {}
-        self._running: dict[int, RunningReply] = {}
+        # by conversation: a chat, or a chat's forum topic (each its own queue and session)
+        self._queues: dict[ConversationKey, deque[int]] = {}
+        self._workers: dict[ConversationKey, asyncio.Task[None]] = {}
+        self._running: dict[ConversationKey, RunningReply] = {}
         self.warm = WarmPool(
             WarmLimits.from_settings(self.settings), self.settings.claude_timeout_seconds
         )
-        # chat → (session, its running total_cost_usd): a turn's cost is the difference
-        self._session_costs: dict[int, tuple[str, float]] = {}
+        # conversation → (session, its running total_cost_usd): a turn's cost is the difference
+        self._session_costs: dict[ConversationKey, tuple[str, float]] = {}
         self._deliveries: dict[int, inbox.DeliveryLog] = {}  # rows being answered, by inbox id
         # Tools already hosted by this process (the daemon) are reused with their secret: the
         # scope secret is process-wide, so a second host here would replace the daemon's.
@@ -175,6 +209,7 @@ class Bridge:
         self._approvals_task: asyncio.Task[None] | None = None
         self._approvals_wake: asyncio.Event | None = None  # set: the approvals loop looks now
         self._prepend_context = not workdir_has_context_hook(self.settings.workdir)
+        self.remote_runs = remote_runs  # VALOR_RUN_ON_WORKERS: runs go to remote workers
 
     def _load_persona(self) -> str:
         path = self.settings.persona_file or PERSONA_PATH
@@ -300,7 +335,7 @@ class Bridge:
         approvals.expire_abandoned(self.store)
         rows = inbox.unfinished(self.store)
         for row in rows:
-            self._enqueue(row.chat_id, row.id)
+            self._enqueue(key_of(row), row.id)
         if rows:
             log.info("recovered %d unfinished messages", len(rows))
         return len(rows)
@@ -349,21 +384,24 @@ class Bridge:
                 message.sender_id,
                 "in",
                 message.sent_at,
+                topic_id=message.topic_id,
             ),
         )
         with contextlib.suppress(Exception):  # a receipt is nice to have, never required
             await self.transport.signal(message.chat_id, "received", message_id=message.message_id)
-        self._enqueue(message.chat_id, row_id)
+        self._enqueue(key_of(message), row_id)
         return "queued"
 
     async def _command(self, command: str, message: IncomingMessage) -> None:
-        chat = message.chat_id
+        """Commands act on the conversation: the chat, or the forum topic they were sent in
+        (``/cost`` excepted: spending caps are per chat)."""
+        chat, topic, key = message.chat_id, message.topic_id, key_of(message)
         if command == "/stop":
             everything = message.text.lower().split()[1:2] == ["all"]
-            running = self._running.get(chat)
+            running = self._running.get(key)
             if running is not None:
                 running.cancel.set()
-            cancelled = await self.cancel_queued(chat) if everything else 0
+            cancelled = await self.cancel_queued(chat, topic) if everything else 0
             if running is None and not cancelled:
                 reply = "Nothing is running in this chat."
             elif not everything:
@@ -375,12 +413,12 @@ class Bridge:
         elif command == "/cost":
             reply = spending.cost_text(spending.standing(self.store, self.settings, chat))
         elif command == "/new":
-            inbox.forget_session(self.store, chat)
+            inbox.forget_session(self.store, chat, topic)
             approvals.end_session_grants(self.store, chat)  # "allow for this session" ends too
-            await self.warm.close_chat(chat, "new session")
+            await self.warm.close_chat(key, "new session")
             reply = "Fresh start: the next message begins a new session."
         else:
-            reply = self.status_text(chat)
+            reply = self.status_text(chat, topic)
         if message.button_press is not None and command == "/stop":
             buttons = self._buttons()  # the Stop button: the presser's notice is enough
             if buttons is not None:
@@ -395,16 +433,18 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await buttons.answer_button(message, "Only an allowed user can answer this.")
 
-    async def cancel_queued(self, chat_id: int) -> int:
-        """``/stop all``: every message of the chat waiting for its turn (queued, or held back
-        by a spending cap) ends as cancelled, each answered "Cancelled."; returns how many."""
-        running = self._running.get(chat_id)
-        waiting = [i for i in self._queues.get(chat_id, ()) if not running or i != running.row.id]
+    async def cancel_queued(self, chat_id: int, topic_id: int | None = None) -> int:
+        """``/stop all``: every message of the conversation (the chat, or its forum topic)
+        waiting for its turn (queued, or held back by a spending cap) ends as cancelled, each
+        answered "Cancelled."; returns how many."""
+        key = conversation_key(chat_id, topic_id)
+        running = self._running.get(key)
+        waiting = [i for i in self._queues.get(key, ()) if not running or i != running.row.id]
         waiting += [i for i, _ in spending.held(self.store, chat_id) if i not in waiting]
         cancelled = 0
         for row_id in waiting:
             row = inbox.get_row(self.store, row_id)
-            if row is None or row.status != "pending":
+            if row is None or row.status != "pending" or row.topic_id != topic_id:
                 continue
             inbox.mark_finished(self.store, row_id, "cancelled", "/stop all")
             spending.release(self.store, row_id)
@@ -441,7 +481,24 @@ class Bridge:
         else:
             reply = f"Allowed {decided.tool_name} once."
         await self._reply(message, reply)
+        if decided is not None:
+            await self._close_question(decided)
         return "approval"
+
+    async def _close_question(self, approval: approvals.Approval) -> None:
+        """A question asked with buttons is edited to say how it ended, without them: an edit
+        that sends no reply markup takes an inline keyboard off (Telethon's ``buttons=None``
+        leaves the field out; its ``buttons=[]`` would build a reply keyboard, not an empty
+        inline one)."""
+        message_id = approvals.question_message(self.store, approval.id)
+        if message_id is None:
+            return
+        allowed = approvals.on_timeout(self.settings, approval.chat_id) == "allow"
+        text = approvals.closed_question_text(approval, allowed_on_timeout=allowed)
+        try:
+            await self.transport.edit_text(SentMessage(approval.chat_id, message_id), text)
+        except Exception as exc:  # the decision stands; the stale buttons answer "no question"
+            log.info("could not close approval question %s: %s", approval.code, exc)
 
     def _buttons(self) -> ButtonTransport | None:
         """The transport, when it can show inline buttons (a Telegram bot)."""
@@ -458,7 +515,9 @@ class Bridge:
             await self.transport.send_text(message.chat_id, text, reply_to=message.message_id)
             return
         await buttons.answer_button(message, text)
-        await self.transport.send_text(message.chat_id, f"{text} ({message.sender_name})")
+        await self.transport.send_text(
+            message.chat_id, f"{text} ({message.sender_name})", **in_topic(message.topic_id)
+        )
 
     def _asks_approval(self) -> bool:
         return (
@@ -510,17 +569,19 @@ class Bridge:
         done = 0
         buttons = self._buttons()
         for approval in approvals.unasked(self.store):
+            asked_with: int | None = None  # the message whose buttons go once it is decided
             if buttons is not None:  # a bot: Allow once / Allow for this session / Deny
-                await buttons.send_buttons(
+                sent = await buttons.send_buttons(
                     approval.chat_id,
                     approvals.question_text(approval, timeout, buttons=True),
                     approval_buttons(approval.code),
                 )
+                asked_with = sent.message_id
             else:
                 await self.transport.send_text(
                     approval.chat_id, approvals.question_text(approval, timeout)
                 )
-            approvals.mark_asked(self.store, approval.id)
+            approvals.mark_asked(self.store, approval.id, asked_with)
             done += 1
         for approval in approvals.expired_untold(self.store):
             allowed = approvals.on_timeout(self.settings, approval.chat_id) == "allow"
@@ -531,15 +592,17 @@ class Bridge:
                 f"{meaning}.",
             )
             approvals.mark_told(self.store, approval.id)
+            await self._close_question(approval)
             done += 1
         return done
 
-    def status_text(self, chat_id: int) -> str:
-        running = self._running.get(chat_id)
-        waiting = len(self._queues.get(chat_id, ()))
-        last, total = inbox.last_cost(self.store, chat_id)
+    def status_text(self, chat_id: int, topic_id: int | None = None) -> str:
+        key = conversation_key(chat_id, topic_id)
+        running = self._running.get(key)
+        waiting = len(self._queues.get(key, ()))
+        last, total = inbox.last_cost(self.store, chat_id, topic_id)
         lines = [
-            f"Queue: {waiting} waiting in this chat.",
+            f"Queue: {waiting} waiting in this {'chat' if topic_id is None else 'topic'}.",
             (
                 f"Running: a reply for {time.monotonic() - running.started:.0f} s."
                 if running
@@ -548,7 +611,7 @@ class Bridge:
             f"Runs across all chats: {len(self._running)} of {self.settings.max_concurrent_runs}.",
             "Last cost: " + (f"${last:.4f} (total ${total:.4f})." if last is not None else "none."),
         ]
-        resident = self.warm.process_of(chat_id)
+        resident = self.warm.process_of(key)
         if resident is not None and resident.alive:
             lines.append(
                 f"Warm process: {resident.turns} turns, {resident.age / 60:.0f} min old "
@@ -556,14 +619,14 @@ class Bridge:
             )
         return "\n".join(lines)
 
-    # -- the per-chat queues -----------------------------------------------------------------
-    def _enqueue(self, chat_id: int, row_id: int) -> None:
+    # -- the per-conversation queues ---------------------------------------------------------
+    def _enqueue(self, chat_id: ConversationKey, row_id: int) -> None:
         self._queues.setdefault(chat_id, deque()).append(row_id)
         worker = self._workers.get(chat_id)
         if worker is None or worker.done():
             self._workers[chat_id] = asyncio.create_task(self._chat_worker(chat_id))
 
-    async def _chat_worker(self, chat_id: int) -> None:
+    async def _chat_worker(self, chat_id: ConversationKey) -> None:
         queue = self._queues[chat_id]
         try:
             while queue:
@@ -588,7 +651,9 @@ class Bridge:
         row = inbox.get_row(self.store, row_id)
         if row is None or row.status not in inbox.OPEN_STATUSES:
             return
-        sink = self.reply_factory(self.transport, row.chat_id, row.message_id)
+        sink = self.reply_factory(
+            self.transport, row.chat_id, row.message_id, **in_topic(row.topic_id)
+        )
         record = self._track_delivery(row, sink)
         if record is not None and record.answer is not None:
             await self._resume_delivery(row, sink, record)  # the run is over; parts are missing
@@ -606,7 +671,7 @@ class Bridge:
             return
         inbox.mark_running(self.store, row_id)
         running = RunningReply(row, asyncio.Event(), time.monotonic())
-        self._running[row.chat_id] = running
+        self._running[key_of(row)] = running
         if self._approvals_wake is not None:  # a run may ask: the loop starts reading the store
             self._approvals_wake.set()
         buttons = self._buttons()
@@ -614,8 +679,10 @@ class Bridge:
             buttons.show_stop_button(row.chat_id, row.message_id, True)
         try:
             with contextlib.suppress(Exception):
-                # the message id lets a transport show typing in the message's forum topic
-                await self.transport.signal(row.chat_id, "typing", message_id=row.message_id)
+                # typing shows in the message's forum topic (kept in the row across restarts)
+                await self.transport.signal(
+                    row.chat_id, "typing", message_id=row.message_id, **in_topic(row.topic_id)
+                )
             heard = await self._hear(row, sink)
             if heard is None:
                 return  # nothing left to answer; the chat was told why
@@ -630,7 +697,7 @@ class Bridge:
             await self._fail(row, sink, mask_unexpected(exc, "bridge").detail, "failed")
             return
         finally:
-            self._running.pop(row.chat_id, None)
+            self._running.pop(key_of(row), None)
             if buttons is not None:
                 buttons.show_stop_button(row.chat_id, row.message_id, False)
         await self._deliver(row, sink, outcome)
@@ -663,6 +730,7 @@ class Bridge:
                     row.sender_id,
                     "in",
                     row.sent_at,
+                    topic_id=row.topic_id,
                 ),
             )
         others = [p for p in row.media_paths if not is_audio(p)]
@@ -699,9 +767,11 @@ class Bridge:
             if chat not in verdicts:
                 state = spending.standing(self.store, self.settings, chat)
                 verdicts[chat] = state.reached() is None
-            if verdicts[chat] and row_id not in self._queues.get(chat, ()):
+            row = inbox.get_row(self.store, row_id)
+            key = key_of(row) if row is not None else chat
+            if verdicts[chat] and row_id not in self._queues.get(key, ()):
                 spending.release(self.store, row_id)
-                self._enqueue(chat, row_id)
+                self._enqueue(key, row_id)
                 released += 1
         return released
 
@@ -739,7 +809,7 @@ class Bridge:
         block = self._context_block(row)
         request = ClaudeRun(
             prompt=build_prompt(row, block if self._prepend_context else None),
-            session_id=inbox.session_for(self.store, row.chat_id),
+            session_id=inbox.session_for(self.store, row.chat_id, row.topic_id),
             chat_id=row.chat_id,
             user_id=row.sender_id,
             user_name=row.sender_name,
@@ -756,6 +826,11 @@ class Bridge:
             env=self.claude_env,
             process_kind=PROCESS_KIND,
         )
+        if self.remote_runs is not None and not row.media_paths:
+            # One-shot on a worker (servers/core/remote_runs.py), which places the block as its
+            # workdir wants; attachments live here, so those runs and warm sessions stay local.
+            request.prompt = build_prompt(row)
+            return await self.remote_runs.run(request, block, on_event, cancel, texts.clear)
         if self.warm.enabled:
             return await self._run_warm(request, row, block, on_event, cancel, texts.clear)
         return await self._run_cold(request, row, block, on_event, cancel)
@@ -793,7 +868,7 @@ class Bridge:
         when every warm slot is busy, the message runs cold). If that process dies mid-turn,
         the message runs once more in a fresh one resuming the session; a second failure is
         the answer."""
-        chat = row.chat_id
+        chat = key_of(row)
         outcome = await self._warm_or_cold(request, row, block, on_event, cancel)
         if isinstance(outcome, tuple):
             resident, outcome = outcome
@@ -826,16 +901,16 @@ class Bridge:
     ) -> tuple[ResidentClaude, RunOutcome] | RunOutcome:
         """A turn in the chat's resident process (with it), or a cold run when no slot is free;
         a session that cannot be resumed is replaced by a fresh one, as the runner does."""
-        resident = await self._resident_for(request)
+        resident = await self._resident_for(request, key_of(row))
         if resident is None:
             log.info("every warm process is busy; chat %s runs cold", row.chat_id)
             return await self._run_cold(request, row, block, on_event, cancel)
         outcome = await self._warm_turn(resident, request.prompt, block, on_event, cancel)
         if resident.resume_failed(outcome):
             log.warning("session %s could not be resumed; starting a fresh one", request.session_id)
-            self.warm.discard(row.chat_id, "resume failed")
+            self.warm.discard(key_of(row), "resume failed")
             fresh = dataclasses.replace(request, session_id=None)
-            resident = await self._resident_for(fresh)
+            resident = await self._resident_for(fresh, key_of(row))
             if resident is None:
                 outcome = await self._run_cold(fresh, row, block, on_event, cancel)
                 outcome.fresh_session_notice = FRESH_SESSION_NOTICE
@@ -847,17 +922,20 @@ class Bridge:
         if cap is not None and outcome.result and outcome.result.total_cost_usd >= cap / 2:
             # A resident process's cap counts all its turns: renewed at half, each turn has
             # at least half the per-run cap.
-            self.warm.discard(row.chat_id, "spent half the per-run budget")
+            self.warm.discard(key_of(row), "spent half the per-run budget")
         return resident, outcome
 
-    async def _resident_for(self, request: ClaudeRun) -> ResidentClaude | None:
-        """The chat's live resident process, or a new one when a slot is free (else None)."""
-        resident = self.warm.get(request.chat_id)  # type: ignore[arg-type]
+    async def _resident_for(
+        self, request: ClaudeRun, key: ConversationKey
+    ) -> ResidentClaude | None:
+        """The conversation's live resident process (a chat's, or a forum topic's), or a new
+        one when a slot is free (else None)."""
+        resident = self.warm.get(key)
         if resident is not None:
             return resident
         if not await self.warm.make_room():
             return None
-        return await self._start_resident(request)
+        return await self._start_resident(request, key)
 
     async def _warm_turn(
         self,
@@ -871,7 +949,7 @@ class Bridge:
             resident.write_context(block or "")
         return await resident.turn(prompt, on_event, cancel)
 
-    async def _start_resident(self, request: ClaudeRun) -> ResidentClaude:
+    async def _start_resident(self, request: ClaudeRun, key: ConversationKey) -> ResidentClaude:
         """A resident Claude Code for the request's chat, with everything a one-shot run gets:
         the hosted tools (a token bound to the chat, outliving the process's maximum age) or
         the stdio config, and a context block file of its own, rewritten before each turn."""
@@ -911,7 +989,7 @@ class Bridge:
             resources.close()
             self.warm.release_room()
             raise
-        self.warm.add(resident)
+        self.warm.add(resident, key)
         return resident
 
     async def _run_with_tools(
@@ -947,6 +1025,7 @@ class Bridge:
                 max_messages=self.settings.hook_history_messages,
                 max_tokens=self.settings.hook_context_max_tokens,
                 exclude_message_id=row.message_id,  # the prompt carries it
+                topic_id=row.topic_id,  # a forum topic's recent turns are its own
             )
         except Exception as exc:  # the optimizer is optional here: the plain block still works
             log.warning("context optimizer unavailable (%s); using the plain block", exc)
@@ -955,6 +1034,7 @@ class Bridge:
                 row.chat_id,
                 self.settings.hook_history_messages,
                 exclude_message_id=row.message_id,
+                topic_id=row.topic_id,
             )
             return plain_block(
                 row.chat_id,
@@ -965,10 +1045,12 @@ class Bridge:
             )
 
     async def _deliver(self, row: inbox.InboxRow, sink: ReplySink, outcome: RunOutcome) -> None:
-        cost = self._turn_cost(row.chat_id, outcome)
+        cost = self._turn_cost(key_of(row), outcome)
         if outcome.session_id and outcome.status in ("ok", "error"):
             duration = outcome.result.duration_ms if outcome.result else 0.0
-            inbox.save_session(self.store, row.chat_id, outcome.session_id, cost, duration)
+            inbox.save_session(
+                self.store, row.chat_id, outcome.session_id, cost, duration, row.topic_id
+            )
         spending.record_spend(
             self.store, row.chat_id, cost, session_id=outcome.session_id, inbox_id=row.id
         )
@@ -1016,19 +1098,21 @@ class Bridge:
         reply_id = sink.message_id or -row.id
         history.record_message(
             self.store,
-            history.Message(row.chat_id, reply_id, text, "Valor", None, "out", time.time()),
+            history.Message(
+                row.chat_id, reply_id, text, "Valor", None, "out", time.time(), row.topic_id
+            ),
         )
         inbox.mark_finished(self.store, row.id, "done")
 
     async def _warn_spending(self, chat_id: int) -> None:
         """After a reply: warn the chat once per day and cap past the warning share."""
-        if self.settings.budget_per_chat_day_usd or self.settings.budget_per_day_usd:
+        if any(spending.daily_caps(self.store, self.settings).values()):  # set live too
             state = spending.standing(self.store, self.settings, chat_id)
             for warning in spending.due_warnings(self.store, state):
                 with contextlib.suppress(Exception):  # a warning is advice; /cost repeats it
                     await self.transport.send_text(chat_id, warning)
 
-    def _turn_cost(self, chat_id: int, outcome: RunOutcome) -> float:
+    def _turn_cost(self, chat_id: ConversationKey, outcome: RunOutcome) -> float:
         """This turn's cost: Claude Code reports the session's running total (it continues
         across ``--resume``), so the difference from the chat's previous total in the same
         session; a session first seen here counts its whole total."""
@@ -1073,7 +1157,14 @@ class Bridge:
             history.record_message(
                 self.store,
                 history.Message(
-                    row.chat_id, reply_id, record.answer or "", "Valor", None, "out", time.time()
+                    row.chat_id,
+                    reply_id,
+                    record.answer or "",
+                    "Valor",
+                    None,
+                    "out",
+                    time.time(),
+                    row.topic_id,
                 ),
             )
         inbox.mark_finished(self.store, row.id, record.status, record.error)

@@ -7,6 +7,8 @@ margin, so steady streaming never floods. A flood wait is kept the way Telethon 
 per Telegram method for the whole account (Telethon remembers the method and raises early for
 every chat while more than 3 s remain), so a wait on one chat's sends holds every chat's sends
 and nothing else; slow mode (and a wait that names no method) holds just that chat.
+Draft updates (a bot's answer streamed as a draft in a private chat, ``messages.setTyping``)
+count like edits, and a flood wait on ``SetTypingRequest`` holds drafts and typing alike.
 
 Callers ask ``acquire(chat_id, ...)`` right before each call. Waiting callers are served by
 priority (a final answer before a preview edit) and then in arrival order, which shares the

@@ -20,6 +20,8 @@ transcribed by the bridge) are fetched (not other video, stickers or animations)
 (``settings.chat_media_path(chat)`` / ``telegram``, owner-only) under a safe name; their paths
 travel in ``IncomingMessage.media_paths``. An album (``grouped_id``) becomes one message.
 Forum topics: ``IncomingMessage.topic_id``; answers, files and typing go to the same topic.
+Drafts: a bot streams an answer into a private chat as a draft (``send_draft``; Telethon's layer
+has ``SendMessageTextDraftAction``), a user account or a group gets the edited live message.
 
 Sessions and missed messages: ``PersistentStateSession`` (bridge/telegram_session.py) keeps the
 update position (and, for a bot, its login key) in ``data_dir/telegram/update_state.json``
@@ -69,6 +71,7 @@ log = logging.getLogger("valor.bridge.telegram")
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _SENT_IDS_KEPT = 500  # per chat: enough to recognise replies to recent answers
+_PASSING_FAILURES = (Category.RATE_LIMIT, Category.UPSTREAM, Category.TIMEOUT, Category.INTERNAL)
 _TOPICS_KEPT = 10_000  # (chat, message) → forum topic, for answers and typing in that topic
 _ENTITIES_PER_PART = 100  # Telegram honours only the first 100 entities of a message
 ALBUM_WINDOW = 0.6  # seconds to wait for the next part of an album (Telethon's AlbumHack: 0.5)
@@ -205,6 +208,7 @@ class TransportHealth:
     last_error: str = ""
     reconnects: int = 0
     logged_out: bool = False
+    stopped: bool = False  # closed by the bridge: not an outage (health checks tell them apart)
 
 
 _LOGGED_OUT = object()  # queued when the login is gone for good: updates() raises
@@ -231,6 +235,7 @@ class TelegramTransport:
         self._early: list[Any] = []  # updates that came before we knew who we are
         self._sent_ids: OrderedDict[int, deque[int]] = OrderedDict()
         self._topics: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._drafts_refused = False  # set once Telegram refuses a draft: live messages then
         self._handlers_added = False
         self._watchdog: asyncio.Task[None] | None = None
         self._closing = False
@@ -345,7 +350,8 @@ class TelegramTransport:
         if waiting:
             log.info("%d Telegram messages not yet taken: fetched again next start", waiting)
         await self.client.disconnect()
-        self.health.connected = False
+        self.health.connected, self.health.stopped = False, True
+        self.health.since = time.time()
         self._write_status()
 
     # --- the connection watchdog ----------------------------------------------------------
@@ -431,6 +437,7 @@ class TelegramTransport:
 
     def _mark_up(self) -> None:
         self.health.connected, self.health.since = True, time.time()
+        self.health.stopped = False
         self._write_status()
 
     def _mark_down(self, error: BaseException | None) -> None:
@@ -804,9 +811,16 @@ class TelegramTransport:
         self._remember_sent(chat_id, int(sent.id))
         return SentMessage(chat_id, int(sent.id))
 
-    async def signal(self, chat_id: int, kind: str, *, message_id: int | None = None) -> None:
-        """The receipt reaction ("received") or the typing action ("typing", in the topic of
-        ``message_id`` when it was written in one); both optional."""
+    async def signal(
+        self,
+        chat_id: int,
+        kind: str,
+        *,
+        message_id: int | None = None,
+        topic_id: int | None = None,
+    ) -> None:
+        """The receipt reaction ("received") or the typing action ("typing", in ``topic_id``,
+        else in the topic ``message_id`` was written in, if any); both optional."""
         from telethon import functions, types
 
         if kind == "received":
@@ -822,7 +836,7 @@ class TelegramTransport:
             request = functions.messages.SetTypingRequest(
                 peer=chat_id,
                 action=types.SendMessageTypingAction(),
-                top_msg_id=self.topic_of(chat_id, message_id),
+                top_msg_id=topic_id if topic_id is not None else self.topic_of(chat_id, message_id),
             )
         else:
             raise ValueError(f"unknown signal {kind!r}: use 'received' or 'typing'")
@@ -830,6 +844,36 @@ class TelegramTransport:
             await self._call(f"show {kind}", lambda: self.client(request))
         except ValorError as exc:  # a signal is a courtesy, never worth failing a reply
             log.debug("signal %s failed in chat %s: %s", kind, chat_id, exc)
+
+    # --- drafts (bridge.transport.DraftTransport) ------------------------------------------
+    def drafts_enabled(self, chat_id: int) -> bool:
+        """Telegram streams drafts from bots into private chats (messages.setTyping with
+        sendMessageTextDraftAction, the Bot API's sendMessageDraft); a user account, a group,
+        or an account Telegram refused a draft to keeps editing a live message."""
+        return bool(self.is_bot) and chat_id > 0 and not self._drafts_refused
+
+    async def send_draft(
+        self, chat_id: int, draft_id: int, text: str, *, topic_id: int | None = None
+    ) -> None:
+        from telethon import functions, types
+
+        async def send(plain: str, entities: list[Any]):
+            action = types.SendMessageTextDraftAction(
+                text=types.TextWithEntities(text=plain, entities=entities), random_id=draft_id
+            )
+            request = functions.messages.SetTypingRequest(
+                peer=chat_id, action=action, top_msg_id=topic_id
+            )
+            return await self.client(request)
+
+        try:
+            await self._with_entities("stream a draft", text, send)
+        except ValorError as exc:
+            if exc.category not in _PASSING_FAILURES:
+                # e.g. not allowed for this bot: every later reply edits a live message
+                self._drafts_refused = True
+                log.warning("Telegram refused a draft (%s); live messages are edited instead", exc)
+            raise
 
 
 def topic_of(message: Any) -> int | None:

@@ -744,6 +744,64 @@ def history_rebuild_memory(
     typer.echo(f"Chat memory rebuilt: {written:,} facts extracted (duplicates merged).")
 
 
+budget_app = typer.Typer(
+    help="Daily spending caps, changed while the bridge runs: show, set, reset.",
+    no_args_is_help=True,
+)
+app.add_typer(budget_app, name="budget")
+CapArg = Annotated[str, typer.Argument(help="per-chat-day or per-day")]
+
+
+@budget_app.command("show")
+def budget_show() -> None:
+    """The daily caps in force, where each comes from, and today's spend."""
+    from servers.core import spending
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
+    settings = get_settings()
+    store = get_store(settings.db_path)
+    overrides = spending.cap_overrides(store)
+    for cap, usd in spending.daily_caps(store, settings).items():
+        source = "set with `valor budget set`" if cap in overrides else "from the settings"
+        shown = f"${usd:.2f}" if usd is not None else "no cap"
+        typer.echo(f"{cap}: {shown} ({source})")
+    window = spending.Window.containing()
+    typer.echo(f"spent today ({window.day}, UTC): ${spending.spent(store, window):.4f}")
+
+
+@budget_app.command("set")
+def budget_set(
+    cap: CapArg,
+    usd: Annotated[str, typer.Argument(help="Dollars per day, or none for no cap")],
+) -> None:
+    """Override a daily cap now; a running bridge applies it within a second (held messages
+    are answered when the new cap allows)."""
+    from servers.core import spending
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
+    try:
+        amount = None if usd.strip().lower() == "none" else float(usd)
+        spending.set_cap(get_store(get_settings().db_path), cap, amount)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"{cap}: {'no cap' if amount is None else f'${amount:.2f}'} from now on.")
+
+
+@budget_app.command("reset")
+def budget_reset(cap: CapArg) -> None:
+    """Drop an override set with `valor budget set`: the setting holds again."""
+    from servers.core import spending
+    from servers.core.settings import get_settings
+    from servers.core.store import get_store
+
+    if cap not in spending.LIVE_CAPS:
+        raise typer.BadParameter(f"one of {', '.join(spending.LIVE_CAPS)}")
+    dropped = spending.reset_cap(get_store(get_settings().db_path), cap)
+    typer.echo(f"{cap}: {'back to' if dropped else 'already'} the setting.")
+
+
 def main() -> None:
     import os
 

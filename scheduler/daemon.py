@@ -149,6 +149,7 @@ class Daemon:
         self._scheduler: Any = None
         self._workers: Any = None
         self._remote_results: Any = None  # remote workers' outcomes (a Redis queue only)
+        self.run_board: Any = None  # the bridge's runs queued for workers (VALOR_RUN_ON_WORKERS)
         self.lease: Any = None  # one daemon per Redis queue schedules and reads outcomes
         self._bridge_task: asyncio.Task[Any] | None = None
         self._running_jobs: set[asyncio.Task[Any]] = set()
@@ -270,7 +271,13 @@ class Daemon:
         from servers import SERVERS
         from servers.core.worker_results import token_service_routes
 
-        return token_service_routes(self._secret, self.settings, tuple(SERVERS))
+        routes = token_service_routes(self._secret, self.settings, tuple(SERVERS))
+        if self.settings.run_on_workers:  # bridge runs claimed through the same service
+            from servers.core.remote_runs import RunBoard, run_claim_routes
+
+            self.run_board = RunBoard()
+            routes += run_claim_routes(self.run_board, self._secret, self.settings, tuple(SERVERS))
+        return routes
 
     def _start_remote_results(self) -> None:
         if not self.remote_workers:
@@ -306,8 +313,11 @@ class Daemon:
             return
         from bridge.service import run_bridge
 
+        if self.settings.run_on_workers and self.run_board is None:
+            log.warning("VALOR_RUN_ON_WORKERS needs a Redis VALOR_PROMISE_QUEUE_URL and the "
+                        "long-running daemon: bridge runs stay on this machine")  # fmt: skip
         self._bridge_task = asyncio.create_task(
-            run_bridge(self.settings, self.base_url, self._secret)
+            run_bridge(self.settings, self.base_url, self._secret, self.run_board)
         )
         self._bridge_task.add_done_callback(_log_bridge_end)
         log.info("bridge started")

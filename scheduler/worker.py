@@ -1,4 +1,6 @@
 """``valor worker`` on another machine: promise workers fed by Redis, using the daemon's tools.
+The same threads run the bridge's replies when the daemon has ``VALOR_RUN_ON_WORKERS`` on (they
+take those first; ``servers/core/remote_runs.py``); nothing to configure here for them.
 
 It needs the Redis queue (``VALOR_PROMISE_QUEUE_URL``), the daemon's tools endpoint
 (``VALOR_WORKER_TOOLS_URL``) and a worker token (``VALOR_WORKER_TOKEN``), and a data directory of

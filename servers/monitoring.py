@@ -47,6 +47,7 @@ def _health(window_hours: float | None) -> HealthReport:
         window_hours=window_hours or settings.health_window_hours,
         max_age_hours=settings.process_max_age_hours,
         sample_seconds=CPU_SAMPLE_SECONDS,
+        telegram_down_alert_seconds=settings.telegram_down_alert_seconds,
     )
 
 
@@ -166,7 +167,8 @@ def spending_report() -> SpendingReport:
 
     settings, store = get_settings(), get_store()
     window = spending.Window.containing()
-    chat_cap = settings.budget_per_chat_day_usd
+    caps = spending.daily_caps(store, settings)  # `valor budget set` overrides the settings
+    chat_cap = caps["per-chat-day"]
     chats = [
         ChatSpend(
             chat_id=chat,
@@ -182,7 +184,7 @@ def spending_report() -> SpendingReport:
         caps=SpendingCaps(
             per_run_usd=settings.budget_per_run_usd,
             per_chat_day_usd=chat_cap,
-            per_day_usd=settings.budget_per_day_usd,
+            per_day_usd=caps["per-day"],
         ),
         held_messages=len(spending.held(store)),
         chats=chats,

@@ -26,9 +26,20 @@ class HistoryHit(BaseModel):
     score: float = Field(description="BM25 relevance, higher is better")
 
 
+TopicArg = Annotated[
+    int | None,
+    Field(
+        description="A forum topic of the chat: only its messages (the prompt names the topic "
+        "a conversation is in); omit for the whole chat",
+        ge=1,
+    ),
+]
+
+
 class HistorySearch(BaseModel):
     query: str
     chat_id: int
+    topic_id: int | None = Field(None, description="The forum topic searched, if one was")
     hits: list[HistoryHit]
     truncated: bool = Field(description="True when more messages match than are shown")
     how_to_see_more: str | None = Field(description="When truncated: how to narrow or widen")
@@ -36,6 +47,7 @@ class HistorySearch(BaseModel):
 
 class ConversationContext(BaseModel):
     chat_id: int
+    topic_id: int | None = Field(None, description="The forum topic read, if one was")
     hours_back: float
     message_count: int
     oldest_at: str | None = Field(description="The first message shown, ISO 8601 UTC")
@@ -61,6 +73,7 @@ def search_conversation_history(
     ],
     chat_id: RequiredChatIdArg = None,
     max_results: Annotated[int, Field(ge=1, le=200, description="How many hits at most")] = 10,
+    topic_id: TopicArg = None,
 ) -> HistorySearch:
     """Full-text search of the chat's message history, best matches first, with snippets."""
     from servers.core import history
@@ -69,11 +82,13 @@ def search_conversation_history(
 
     chat = resolve_chat_id(chat_id)
     limit = min(max_results, get_settings().history_max_results)
-    hits = history.search_history(get_store(), query, chat, limit + 1)  # one more: are there?
+    # one more than shown: are there more?
+    hits = history.search_history(get_store(), query, chat, limit + 1, topic_id=topic_id)
     more = len(hits) > limit
     return HistorySearch(
         query=query,
         chat_id=chat,
+        topic_id=topic_id,
         hits=[HistoryHit(**hit) for hit in hits[:limit]],
         truncated=more,
         how_to_see_more=more_note(
@@ -95,6 +110,7 @@ def get_conversation_context(
     ] = 24,
     chat_id: RequiredChatIdArg = None,
     max_messages: Annotated[int, Field(ge=1, le=500, description="Newest N messages")] = 50,
+    topic_id: TopicArg = None,
 ) -> ConversationContext:
     """Read the chat's recent messages in order, to catch up; bounded in size."""
     from servers.core import history
@@ -103,12 +119,14 @@ def get_conversation_context(
 
     chat = resolve_chat_id(chat_id)
     settings = get_settings()
-    rows = history.recent_messages(get_store(), chat, now() - hours_back * 3600, max_messages)
+    since = now() - hours_back * 3600
+    rows = history.recent_messages(get_store(), chat, since, max_messages, topic_id=topic_id)
     text, count, cut = history.format_for_model(rows, settings.history_max_chars)
     truncated = cut or count < len(rows)
     shown = rows[len(rows) - count :] if count else []  # the newest are the ones kept
     return ConversationContext(
         chat_id=chat,
+        topic_id=topic_id,
         hours_back=hours_back,
         message_count=count,
         oldest_at=iso_time(shown[0]["sent_at"]) if shown else None,

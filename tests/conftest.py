@@ -13,7 +13,7 @@ import pytest
 from servers.core.settings import REPO_ROOT, reset_settings_cache
 from servers.core.store import Store, close_all_stores, get_store
 
-pytest_plugins = ["tests.fakes.fixtures"]
+pytest_plugins = ["tests.fakes.fixtures", "tests.support.redis_server"]
 
 # Real credentials on a developer's machine must never reach a test (or a fake's logs).
 _SCRUBBED_PREFIXES = ("VALOR_", "OPENAI_", "PERPLEXITY_", "NOTION_", "ANTHROPIC_", "TELEGRAM_")

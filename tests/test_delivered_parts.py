@@ -70,9 +70,9 @@ class StallingTransport(MemoryTransport):
         return await super().send_text(chat_id, text, reply_to=reply_to)
 
 
-def live_replies(transport, chat_id, reply_to) -> LiveReply:
+def live_replies(transport, chat_id, reply_to, **topic) -> LiveReply:
     rate = RateController(Limits(time_scale=0.001))
-    return LiveReply(transport, chat_id, reply_to, rate=rate, retry_backoff=0.01)
+    return LiveReply(transport, chat_id, reply_to, rate=rate, retry_backoff=0.01, **topic)
 
 
 @pytest.fixture
@@ -102,6 +102,7 @@ async def test_a_bridge_stopped_after_part_one_sends_only_the_rest_on_restart(st
     assert [m.text for m in second.sent] == parts[1:]  # the rest, once each
     assert runner.runs == 1  # the answer was not asked for again
     assert inbox.get_row(store, row.id).status == "done"
+    assert inbox.DeliveryLog(store, row.id).answer is None  # kept only while the row is open
     [reply] = [m for m in history.recent_messages(store, CHAT, 0, 10) if m["direction"] == "out"]
     assert reply["message_id"] == first.sent[0].message_id  # the answer's first message
 

@@ -93,6 +93,24 @@ async def test_an_internal_errors_correlation_id_is_in_the_log_file():
     assert "private text" not in path.read_text()
 
 
+async def test_at_debug_a_tool_calls_arguments_stay_out_of_the_log(monkeypatch):
+    """FastMCP logs every call's arguments at DEBUG; Valor's DEBUG log keeps only the call."""
+    configure(monkeypatch, VALOR_LOG_LEVEL="DEBUG")
+    server = create_server("logtest-tools", "a test server")
+
+    @server.tool
+    def echo(text: str) -> str:
+        """Says it back."""
+        return "ok"
+
+    path = setup_logging("server-logtest-tools", console=False)
+    async with Client(server) as client:
+        await client.call_tool("echo", {"text": "the door code is 4471"})
+    logged = path.read_text()
+    assert "DEBUG" in logged and "call_tool" in logged  # debug lines are there …
+    assert "4471" not in logged  # … but not what was said
+
+
 def test_console_is_quiet_by_default_and_library_chatter_is_gone(capsys):
     path = setup_logging("cli")
     logging.getLogger("valor.test").info("an info line")

@@ -371,3 +371,13 @@ def test_what_the_model_receives_reads_well(
         datetime.fromisoformat(p["created_at"]).tzinfo
         for p in forwarded["list_promises"]["promises"]
     )
+
+
+def test_conversation_lines_name_their_zone(store):
+    """get_conversation_context's text: each line's time says UTC, compactly; the structured
+    fields and the lines come from one reading of time (history.iso is iso_time)."""
+    history.record_message(store, Message(CHAT, 1, "hello", "Ann", 42, "in", 1_796_000_000))
+    rows = history.recent_messages(store, CHAT, 0, 10)
+    text, count, cut = history.format_for_model(rows, 10_000)
+    assert (text, count, cut) == ("[2026-11-30 00:53 UTC] Ann: hello", 1, False)
+    assert history.iso is iso_time and iso_time(1_796_000_000) == "2026-11-30T00:53:20+00:00"

@@ -236,7 +236,7 @@ async def test_a_deferred_tool_is_found_by_its_search_hint(
     listed = component.to_mcp_tool()
     query = "queued"  # a word of the hint only: not in the tool's name, description or schema
     assert query in listed.meta[SEARCH_HINT_META]
-    assert query not in json.dumps([listed.name, listed.description, listed.inputSchema])
+    assert query not in json.dumps([listed.name, listed.description, listed.input_schema])
     if not with_hint:  # the control: the same lookup finds nothing without the hint
         meta = {k: v for k, v in component.meta.items() if k != SEARCH_HINT_META}
         monkeypatch.setattr(component, "meta", meta)

@@ -228,3 +228,29 @@ async def test_a_run_over_the_per_run_cap_is_stopped_by_claude_code_and_reported
     today = spending.Window.containing()
     assert spending.spent(store, today, CHAT) >= 0.08  # what it cost counts for the day
     assert get_settings().budget_per_run_usd == 0.08
+
+
+async def test_a_cap_raised_live_releases_the_held_message_without_a_restart(store, caps):
+    """`valor budget set` overrides a daily cap in the store; the running bridge reads it on
+    its next check and answers the held message, no restart."""
+    from typer.testing import CliRunner
+
+    from scheduler.cli import app
+
+    spending.record_spend(store, OTHER, 10.0)  # every chat together is at the $10 daily cap
+    bridge, transport, runner = bridge_with(0.10)
+    async with bridge.serving():
+        await bridge.receive(incoming(CHAT, 1, "please", sender_id=OWNER))
+        await asyncio.wait_for(bridge.drain(), 30)
+        assert runner.prompts == []
+        raised = CliRunner().invoke(app, ["budget", "set", "per-day", "20"])
+        assert raised.exit_code == 0, raised.output
+        await transport.wait_for(lambda: len(transport.replies_to(CHAT, 1)) == 2)
+        await asyncio.wait_for(bridge.drain(), 30)
+    assert runner.prompts == ["please"]
+    shown = CliRunner().invoke(app, ["budget", "show"]).output
+    assert "per-day: $20.00 (set with `valor budget set`)" in shown
+    assert "per-chat-day: $1.00 (from the settings)" in shown
+    assert CliRunner().invoke(app, ["budget", "set", "per-day", "-1"]).exit_code == 2
+    assert CliRunner().invoke(app, ["budget", "reset", "per-day"]).exit_code == 0
+    assert spending.daily_caps(store, get_settings())["per-day"] == 10.0

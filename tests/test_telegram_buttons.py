@@ -215,3 +215,54 @@ async def test_the_live_message_carries_stop_and_a_press_stops_the_run(store, te
     assert store.query("SELECT status FROM bridge_inbox WHERE message_id = 7")[0][0] == (
         "cancelled"
     )
+
+
+@pytest.fixture
+def loopback():
+    from tests.support.telegram_loopback import FakeTelegram
+
+    fake = FakeTelegram(bot_id=123456)  # the bot of telegram_env's token
+    fake.user(ANN)
+    fake.user(EVE)
+    return fake
+
+
+async def test_a_settled_question_loses_its_buttons_over_telethon(store, telegram_env, loopback):
+    """Through Telethon's real client against the loopback Telegram: once a question is
+    decided (or times out) its message is edited to say so, and the edit carries no reply
+    markup, which takes the inline keyboard off."""
+    from tests.test_telegram_service import next_incoming
+    from tests.test_telegram_service import transport_for as loopback_transport
+
+    server = loopback
+    transport = loopback_transport(telegram_env, server)
+    await transport.start()
+    bridge = Bridge(transport, host_tools=False, persona="")
+    question = approvals.record(store, ANN.id, "Bash", {"command": "ls build"})
+    assert await bridge.ask_pending_approvals() == 1
+    [asked] = server.sent
+    assert isinstance(asked.reply_markup, types.ReplyInlineMarkup)
+    asked_id = approvals.question_message(store, question.id)
+    server.push(
+        types.UpdateBotCallbackQuery(
+            query_id=next(_query_ids),
+            user_id=ANN.id,
+            peer=types.PeerUser(ANN.id),
+            msg_id=asked_id,
+            chat_instance=1,
+            data=f"v1:yes {question.code}".encode(),
+        )
+    )
+    assert await bridge.receive(await next_incoming(transport)) == "approval"
+    [edit] = server.requested(functions.messages.EditMessageRequest)
+    assert edit.id == asked_id and edit.reply_markup is None  # the keyboard goes
+    assert edit.message.endswith("✅ Allowed once by Ann.") and "ls build" in edit.message
+
+    unanswered = approvals.record(store, ANN.id, "Bash", {"command": "make"})
+    await bridge.ask_pending_approvals()
+    approvals.expire(store, unanswered.id, "no answer")
+    await bridge.ask_pending_approvals()
+    edit = server.requested(functions.messages.EditMessageRequest)[-1]
+    assert edit.id == approvals.question_message(store, unanswered.id) and edit.reply_markup is None
+    assert edit.message.endswith("⌛ No answer in time: denied.")
+    await transport.close()

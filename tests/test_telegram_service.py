@@ -21,26 +21,21 @@ from telethon.tl import functions, types
 from bridge.live import LiveReply
 from bridge.rate import Limits, RateController
 from bridge.telegram import TelegramTransport
-from bridge.telegram_session import build_client
 from servers.core.errors import Category, ValorError
 from servers.core.settings import get_settings
 from tests.support import configure, wait_until_async
-from tests.support.telegram_loopback import EPOCH, FakeTelegram, attach
-
-API = {"TELEGRAM_API_ID": "12345", "TELEGRAM_API_HASH": "0123456789abcdef0123456789abcdef"}
-BOT_TOKEN = "123456:" + "A" * 35
-ANN = types.User(id=42, access_hash=1, first_name="Ann")
-EVE = types.User(id=66, access_hash=6, first_name="Eve")
-FORUM = types.Channel(
-    id=900,
-    title="Forum",
-    photo=types.ChatPhotoEmpty(),
-    date=EPOCH,
-    access_hash=9,
-    megagroup=True,
-    forum=True,
+from tests.support.telegram_loopback import (
+    ANN,
+    API,
+    BOT_TOKEN,
+    EPOCH,
+    EVE,
+    FORUM,
+    FORUM_CHAT,
+    FakeTelegram,
+    loopback_transport,
 )
-FORUM_CHAT = -1_000_000_000_900
+
 TOPIC = 17
 
 
@@ -59,10 +54,7 @@ def server() -> FakeTelegram:
 
 
 def transport_for(settings, server: FakeTelegram) -> TelegramTransport:
-    transport = TelegramTransport(attach(build_client(settings), server), settings)
-    transport.reconnect_delays = (0.05,)
-    transport.authorize = lambda incoming: incoming.sender_id == ANN.id  # the allowlist
-    return transport
+    return loopback_transport(settings, server, lambda incoming: incoming.sender_id == ANN.id)
 
 
 def text_message(text: str, msg_id: int, sender=ANN, **extra) -> types.Message:

@@ -422,6 +422,7 @@ async def test_live_reply_through_the_transport_honours_telethon_flood_waits(out
     from bridge.rate import Limits, RateController
 
     transport, double = outgoing
+    transport.is_bot = False  # the live-message path (a bot streams drafts: test_drafts.py)
     rate = RateController(Limits(time_scale=0.02))
     live = LiveReply(transport, 42, 7, rate=rate)
     double.raises = [errors.FloodWaitError(request=None, capture=1)]  # the first preview

@@ -5,36 +5,27 @@ daemon's data directory hidden from it (a bubblewrap mount view with that folder
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from scheduler.daemon import Daemon
 from servers.core import promises, tokens_issued, trust
 from servers.core.outbox import pending_outbound
-from servers.core.settings import REPO_ROOT, get_settings
+from servers.core.settings import get_settings
 from servers.core.worker_results import Lease, RemoteResults, apply_result, claim_for_worker
 from servers.core.workers import redis_of
 from tests.fakes.anthropic_api import call_tool, mcp_tool
 from tests.support import configure, wait_until
-from tests.support.redis_server import RedisServer
+from tests.support.worker_processes import Workers
 
 CHAT = 4242
 DEADLINE = 60.0  # generous: a busy 2-core machine
 WORKER_CLAUDE = Path(__file__).parent / "support" / "worker_claude.py"
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -138,59 +129,6 @@ async def test_the_token_service_answers_worker_tokens_only(store, redis_queue):
 
 
 # -- worker processes ----------------------------------------------------------------------------
-class Workers:
-    """`valor worker` processes, each in a mount view without the daemon's data directory."""
-
-    def __init__(self, tmp_path, env, hidden: Path):
-        self.tmp_path, self.env, self.hidden = tmp_path, env, hidden
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def wrapped(self, argv):
-        view = ["--dev-bind", "/", "/", "--tmpfs", str(self.hidden), "--die-with-parent"]
-        return ["bwrap", *view, "--", *argv]
-
-    def signal(self, name, sig):
-        """To the worker itself (bwrap would not pass it on); bwrap exits with its status."""
-        wrapper = psutil.Process(self.processes[name].pid)
-        worker = wait_until(wrapper.children, 30, f"{name} started")[0]
-        worker.send_signal(sig)
-
-    def start(self, name, **extra):
-        data = self.tmp_path / name
-        # The workdir is the repository (read-only in the sandbox): its hooks fire and spool.
-        env = {**self.env, "VALOR_DATA_DIR": str(data), "VALOR_CLAUDE_WORKDIR": str(REPO_ROOT)}
-        env.update(extra)
-        argv = [sys.executable, "-m", "scheduler.cli", "worker", "--workers", "1", "--name", name]
-        process = subprocess.Popen(
-            self.wrapped(argv),
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.processes[name] = process
-        return process
-
-    def print_logs(self):
-        for name in self.processes:
-            log_file = self.tmp_path / name / "logs" / "worker.log"
-            lines = log_file.read_text().splitlines()[-15:] if log_file.exists() else []
-            print(f"--- {name}:", *lines, sep="\n")
-
-    def stop_all(self):
-        for name, process in self.processes.items():
-            if process.poll() is None:
-                with contextlib.suppress(psutil.Error, AssertionError, IndexError):
-                    self.signal(name, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-
-
 def worker_claude(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "claude"

@@ -246,9 +246,32 @@ def expire_abandoned(store: Store) -> int:
     return cursor.rowcount
 
 
-def mark_asked(store: Store, approval_id: int) -> None:
+def mark_asked(store: Store, approval_id: int, message_id: int | None = None) -> None:
+    """The question is in its chat; ``message_id``: the message carrying its buttons."""
     with store.transaction() as conn:
-        conn.execute("UPDATE approvals SET asked_at = ? WHERE id = ?", (now(), approval_id))
+        conn.execute(
+            "UPDATE approvals SET asked_at = ?, question_message_id = ? WHERE id = ?",
+            (now(), message_id, approval_id),
+        )
+
+
+def question_message(store: Store, approval_id: int) -> int | None:
+    """The chat message that asked with buttons (None: asked without, or not asked)."""
+    rows = store.query("SELECT question_message_id FROM approvals WHERE id = ?", (approval_id,))
+    return rows[0][0] if rows else None
+
+
+def closed_question_text(approval: Approval, allowed_on_timeout: bool = False) -> str:
+    """The question once it is settled: what was asked and how it ended, no buttons."""
+    if approval.status == "expired":
+        outcome = f"⌛ No answer in time: {'allowed' if allowed_on_timeout else 'denied'}."
+    elif approval.status == "denied":
+        outcome = f"⛔ Denied by {approval.decided_by_name or 'an allowed user'}."
+    elif approval.scope == "session":
+        outcome = f"🔁 Allowed for this session by {approval.decided_by_name or 'an allowed user'}."
+    else:
+        outcome = f"✅ Allowed once by {approval.decided_by_name or 'an allowed user'}."
+    return f"🔐 Claude asked to use {approval.tool_name}:\n{approval.input_preview}\n\n{outcome}"
 
 
 def expired_untold(store: Store) -> list[Approval]:

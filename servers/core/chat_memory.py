@@ -144,6 +144,13 @@ def memory_line(item: dict) -> str:
     return f"[{day} #{int(item['message_id'])}] {who}: {escape(item['text'])}"
 
 
+def _in_topic(conn: sqlite3.Connection, chat_id: int, topic_id: int) -> set[int]:
+    rows = conn.execute(
+        "SELECT message_id FROM messages WHERE chat_id = ? AND topic_id = ?", (chat_id, topic_id)
+    )
+    return {row[0] for row in rows}
+
+
 def chat_block(
     conn: sqlite3.Connection,
     chat_id: int,
@@ -153,8 +160,10 @@ def chat_block(
     max_messages: int,
     max_tokens: int,
     exclude_message_id: int | None = None,
+    topic_id: int | None = None,
 ) -> str:
-    """The context block for a chat: its memory and recent turns within ``max_tokens``.
+    """The context block for a chat: its memory and recent turns within ``max_tokens`` (the
+    turns of forum topic ``topic_id`` only, when given; the memory is the chat's).
 
     What the bridge precomputes for a run (excluding the message being answered, which the
     prompt carries), what the hook builds when it has no precomputed block, and what
@@ -162,7 +171,9 @@ def chat_block(
     from servers.core.context_markup import recent_history
     from servers.core.context_opt import build_context_block
 
-    messages = recent_history(conn, chat_id, max_messages, exclude_message_id=exclude_message_id)
+    messages = recent_history(
+        conn, chat_id, max_messages, exclude_message_id=exclude_message_id, topic_id=topic_id
+    )
     # the recent turns speak for themselves (verbatim or in the optimizer's summary), and the
     # prompt carries the message being answered: memory is for what is older
     recent = {row["message_id"] for row in messages} | {exclude_message_id}
@@ -171,4 +182,7 @@ def chat_block(
         for item in ranked(conn, chat_id, max(1, max_tokens // LINE_TOKENS_GUESS) + len(recent))
         if item["message_id"] not in recent
     ]
+    if topic_id is not None:  # a topic remembers what was said in it, not in its neighbours
+        said_here = _in_topic(conn, chat_id, topic_id)
+        memory = [item for item in memory if item["message_id"] in said_here]
     return build_context_block(chat_id, user_name, user_id, messages, max_tokens, memory=memory)

@@ -124,6 +124,31 @@ def telegram_state(settings: Settings) -> tuple[str, str]:
     return OK, "bot token is well-formed (checked offline)"
 
 
+def check_telegram_connection(settings: Settings) -> CapabilityStatus:
+    """The running bridge's connection, as it last wrote it (``telegram/status.json``): broken
+    when logged out or unreachable past VALOR_TELEGRAM_DOWN_ALERT_SECONDS."""
+    from servers.core.health import transport_status
+    from servers.core.model_results import human_duration
+
+    name = "Telegram connection"
+    if telegram_state(settings)[0] != OK:
+        return _status(name, OFF, "Telegram is not configured")
+    status = transport_status(settings.data_dir)
+    if status is None:
+        return _status(name, OFF, "no bridge has connected from this data directory yet")
+    if status.logged_out:
+        return _status(
+            name, BROKEN, f"logged out ({status.last_error}); run `valor login` or check the token"
+        )
+    if status.connected:
+        return _status(name, OK, f"connected since {status.changed_at}")
+    if status.stopped:
+        return _status(name, OK, f"the bridge is not running (stopped at {status.changed_at})")
+    down = status.down_seconds or 0.0
+    detail = f"unreachable for {human_duration(down)}, reconnecting: {status.last_error}"
+    return _status(name, BROKEN if down >= settings.telegram_down_alert_seconds else OK, detail)
+
+
 def session_problem(session: str) -> str | None:
     """Why a Telethon StringSession cannot be used, or None when it holds an auth key."""
     from telethon.sessions import StringSession
@@ -147,6 +172,7 @@ def diagnose(settings: Settings) -> list[CapabilityStatus]:
         check_anthropic,
         check_sandbox,
         lambda s: _status("Telegram bridge", *telegram_state(s)),
+        check_telegram_connection,
         check_daydream_model,
         check_openai,
         check_perplexity,

@@ -17,12 +17,19 @@ carrying a penalty, and
 | queue_depth            | >= 20 (5)          | >= 100 (15)        |
 | store_bytes            | >= 1 GiB (5)       | >= 5 GiB (10)      |
 | valor_memory_percent   | >= 25 (5)          | >= 50 (15)         |  Valor + its Claude Code runs
+| telegram_down_seconds  | >= setting (25)    | >= 4x setting (40) |  see below
+| telegram_logged_out    |                    | logged out (40)    |
+
+The Telegram rows read ``DATA_DIR/telegram/status.json``, which the bridge's transport writes on
+every connect, loss and stop (bridge/telegram.py): down means not connected and not stopped by
+the bridge; the setting is VALOR_TELEGRAM_DOWN_ALERT_SECONDS.
 
 Each alert says what was seen and what to do about it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -34,7 +41,9 @@ from pydantic import BaseModel, Field
 
 from servers.core.model_results import (
     bytes_text,
+    duration_text,
     human_bytes,
+    human_duration,
     human_percent,
     iso_time,
     percent_text,
@@ -213,6 +222,17 @@ class SessionStats(BaseModel):
     interactive: int
 
 
+class TransportStats(BaseModel):
+    connected: bool
+    stopped: bool = Field(description="Closed by the bridge (a stop, not an outage)")
+    logged_out: bool = Field(description="Telegram ended the login: needs the operator")
+    changed_at: str | None = Field(description="ISO 8601: when it connected, went down or stopped")
+    down_seconds: float | None = Field(description="How long it has been down (None: up/stopped)")
+    down = duration_text("down_seconds")
+    reconnects: int = Field(description="Reconnections by Valor's watchdog since the bridge began")
+    last_error: str
+
+
 class Alert(BaseModel):
     metric: str
     severity: Literal["warning", "critical"]
@@ -245,6 +265,13 @@ class HealthReport(BaseModel):
     queue_depth: int
     store_bytes: int
     store = bytes_text("store_bytes")
+    telegram: TransportStats | None = Field(
+        default=None, description="The bridge's Telegram connection; None: no bridge has run"
+    )
+    telegram_down_alert_seconds: float = Field(
+        default=300.0, description="Down this long raises an alert (a setting)"
+    )
+    telegram_down_alert = duration_text("telegram_down_alert_seconds")
     alerts: list[Alert]
 
 
@@ -385,6 +412,7 @@ def collect_health(
     max_age_hours: float = 24.0,
     sample_seconds: float = 0.5,
     now: float | None = None,
+    telegram_down_alert_seconds: float = 300.0,
 ) -> HealthReport:
     """Measure everything once (CPU over ``sample_seconds``) and score it."""
     import psutil
@@ -459,9 +487,82 @@ def collect_health(
         queues=queues,
         queue_depth=sum(queues.values()),
         store_bytes=store.size_bytes(),
+        telegram=transport_status(data_dir, now),
+        telegram_down_alert_seconds=telegram_down_alert_seconds,
         alerts=[],
     )
     return score_report(report)
+
+
+def transport_status(data_dir: Path, now: float | None = None) -> TransportStats | None:
+    """The Telegram transport as its bridge last wrote it (None: no bridge has run here)."""
+    now = time.time() if now is None else now
+    try:
+        raw = json.loads((Path(data_dir) / "telegram" / "status.json").read_text())
+        connected, stopped = bool(raw["connected"]), bool(raw.get("stopped", False))
+        since = float(raw.get("since") or 0) or None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # half-written or foreign
+        return TransportStats(
+            connected=False,
+            stopped=False,
+            logged_out=False,
+            changed_at=None,
+            down_seconds=None,
+            reconnects=0,
+            last_error=f"telegram/status.json unreadable: {exc}",
+        )
+    down = not connected and not stopped
+    return TransportStats(
+        connected=connected,
+        stopped=stopped,
+        logged_out=bool(raw.get("logged_out", False)),
+        changed_at=iso_time(since),
+        down_seconds=round(max(0.0, now - since), 1) if down and since else None,
+        reconnects=int(raw.get("reconnects", 0)),
+        last_error=str(raw.get("last_error", "")),
+    )
+
+
+def transport_alerts(report: HealthReport) -> list[Alert]:
+    """A dead Telegram transport: logged out, or down past the configured time."""
+    telegram = report.telegram
+    if telegram is None:
+        return []
+    if telegram.logged_out:
+        return [
+            Alert(
+                metric="telegram_logged_out",
+                severity="critical",
+                value=1,
+                threshold=1,
+                penalty=40,
+                message=f"Telegram ended Valor's login: {telegram.last_error or 'logged out'}",
+                recommended_action="Run `valor login` (user account) or check "
+                "TELEGRAM_BOT_TOKEN (bot), then restart the bridge (`valor daemon`).",
+            )
+        ]
+    after = report.telegram_down_alert_seconds
+    down = telegram.down_seconds
+    if down is None or down < after:
+        return []
+    critical = down >= 4 * after
+    crossed = 4 * after if critical else after
+    return [
+        Alert(
+            metric="telegram_down_seconds",
+            severity="critical" if critical else "warning",
+            value=down,
+            threshold=crossed,
+            penalty=40 if critical else 25,
+            message=f"Telegram has been unreachable for {human_duration(down)} "
+            f"(alert after {human_duration(crossed)}): {telegram.last_error or 'no connection'}",
+            recommended_action="The bridge keeps reconnecting by itself and answers what was "
+            "sent meanwhile. Check the machine's network and Telegram's status; the bridge log "
+            "(`valor daemon`) has each attempt.",
+        )
+    ]
 
 
 def _existing_parent(path: Path) -> Path:
@@ -511,6 +612,8 @@ def _read(metric: str, value: float) -> str:
         return str(human_bytes(value))
     if metric.endswith("_rate"):
         return str(human_percent(value))
+    if metric.endswith("_seconds"):
+        return str(human_duration(value))
     return f"{value:g}"
 
 
@@ -536,6 +639,7 @@ def score_report(report: HealthReport) -> HealthReport:
                 recommended_action=threshold.action,
             )
         )
+    alerts += transport_alerts(report)
     score = max(0, 100 - sum(alert.penalty for alert in alerts))
     status = (
         "healthy" if score >= HEALTHY_AT else "degraded" if score >= DEGRADED_AT else "critical"

@@ -13,10 +13,10 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from servers.core import chat_memory
 from servers.core.errors import input_error
+from servers.core.model_results import iso_time
 from servers.core.store import Store, now
 
 OPERATORS = {"AND", "OR", "NOT"}
@@ -34,6 +34,7 @@ class Message:
     sender_id: int | None = None
     direction: str = "in"
     sent_at: float | None = None
+    topic_id: int | None = None  # the forum topic it was written in (Telegram), if any
 
 
 def record_message(store: Store, message: Message) -> bool:
@@ -43,9 +44,17 @@ def record_message(store: Store, message: Message) -> bool:
 
 def record_messages(store: Store, messages: Iterable[Message]) -> int:
     """Store many messages in one transaction; returns how many were new."""
+    messages = list(messages)
     rows = message_rows(messages)
     with store.transaction() as conn:
-        return write_rows(conn, rows)
+        added = write_rows(conn, rows)
+        # Forum topics are rare next to plain chats: marked after the insert, so the bulk
+        # path (imports, catch-up) keeps its row shape.
+        conn.executemany(
+            "UPDATE messages SET topic_id = ? WHERE chat_id = ? AND message_id = ?",
+            [(m.topic_id, m.chat_id, m.message_id) for m in messages if m.topic_id is not None],
+        )
+        return added
 
 
 def message_rows(messages: Iterable[Message]) -> list[tuple]:
@@ -197,21 +206,24 @@ def _quote(text: str) -> str:
 
 
 def search_history(
-    store: Store, query: str, chat_id: int, max_results: int = 20
+    store: Store, query: str, chat_id: int, max_results: int = 20, topic_id: int | None = None
 ) -> list[dict[str, object]]:
+    """Best matches in the chat, or only in its forum topic ``topic_id``."""
     expression = f'chat_key:"c{int(chat_id)}" AND {{text}}:({to_fts_query(query)})'
+    in_topic = "" if topic_id is None else "AND m.topic_id = ?"
+    topic = () if topic_id is None else (int(topic_id),)
     rows = fts_query(
         store,
-        """
+        f"""
         SELECT m.chat_id, m.message_id, m.sender, m.direction, m.sent_at,
                snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet,
                bm25(messages_fts) AS rank
         FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid
-        WHERE messages_fts MATCH ? AND m.chat_id = ?
+        WHERE messages_fts MATCH ? AND m.chat_id = ? {in_topic}
         ORDER BY rank
         LIMIT ?
-        """,
-        (expression, int(chat_id), int(max_results)),
+        """,  # noqa: S608 (only the fixed condition is formatted in; values are bound)
+        (expression, int(chat_id), *topic, int(max_results)),
     )
     return [
         {
@@ -228,16 +240,18 @@ def search_history(
 
 
 def recent_messages(
-    store: Store, chat_id: int, since: float, max_messages: int
+    store: Store, chat_id: int, since: float, max_messages: int, topic_id: int | None = None
 ) -> list[sqlite3.Row]:
-    """The newest ``max_messages`` messages since ``since``, oldest first."""
+    """The newest ``max_messages`` messages since ``since`` (of forum topic ``topic_id`` when
+    given), oldest first."""
+    in_topic = "" if topic_id is None else "AND topic_id = ?"
     rows = store.query(
-        """
+        f"""
         SELECT message_id, sender, direction, text, sent_at FROM messages
-        WHERE chat_id = ? AND sent_at >= ?
+        WHERE chat_id = ? AND sent_at >= ? {in_topic}
         ORDER BY sent_at DESC, id DESC LIMIT ?
-        """,
-        (int(chat_id), since, int(max_messages)),
+        """,  # noqa: S608 (only the fixed condition is formatted in; values are bound)
+        (int(chat_id), since, *(() if topic_id is None else (int(topic_id),)), int(max_messages)),
     )
     rows.reverse()
     return rows
@@ -246,7 +260,7 @@ def recent_messages(
 def format_for_model(
     rows: list[sqlite3.Row], max_chars: int, max_message_chars: int = 2_000
 ) -> tuple[str, int, bool]:
-    """Lines like ``[2026-11-26 06:00] Alice: text``, newest kept when the budget binds.
+    """Lines like ``[2026-11-26 06:00 UTC] Alice: text``, newest kept when the budget binds.
 
     Returns (text, messages included, whether anything was cut).
     """
@@ -270,8 +284,4 @@ def format_for_model(
     return "\n".join(lines), len(lines), cut
 
 
-def iso(timestamp: float, *, minutes: bool = False) -> str:
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    if minutes:
-        return moment.strftime("%Y-%m-%d %H:%M")
-    return moment.isoformat(timespec="seconds")
+iso = iso_time  # one reading of times for every result (servers/core/model_results.py)

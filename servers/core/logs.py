@@ -52,6 +52,9 @@ NOISY_LOGGERS = (
     "anthropic",
     "notion_client",
 )
+# Library loggers whose DEBUG lines echo every tool call's arguments (chat text, paths): kept at
+# INFO even when Valor logs at DEBUG, so a log holds where and what failed, never what was said.
+ARGUMENT_ECHOING_LOGGERS = ("fastmcp.server.mixins.mcp_operations",)
 _KIND = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 _configured: str | None = None  # the kind this process logs as, once set up
@@ -162,6 +165,8 @@ def _route_library_loggers() -> None:
         for own in list(library.handlers):
             library.removeHandler(own)
         library.propagate = True
+    for name in ARGUMENT_ECHOING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def reset_logging() -> None:

@@ -395,4 +395,20 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE messages ADD COLUMN topic_id INTEGER",
         "CREATE INDEX messages_by_topic_time ON messages (chat_id, topic_id, sent_at)",
     ],
+    # 12: the chat message that asked an approval question with buttons, so the buttons can be
+    # taken off once it is decided or has timed out.
+    12: [
+        "ALTER TABLE approvals ADD COLUMN question_message_id INTEGER",
+    ],
+    # 13: daily spending caps the operator set while the bridge runs (`valor budget set`);
+    # a row overrides its setting (usd NULL: no cap), no row: the setting holds.
+    13: [
+        """
+        CREATE TABLE spending_caps (
+            cap TEXT PRIMARY KEY,
+            usd REAL,
+            set_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ],
 }

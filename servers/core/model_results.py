@@ -26,11 +26,17 @@ from pydantic import computed_field
 _BYTE_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
 
 
-def iso_time(timestamp: float | None) -> str | None:
-    """Unix seconds as ISO 8601 in UTC with its offset, to the second (None stays None)."""
+def iso_time(timestamp: float | None, *, minutes: bool = False) -> str | None:
+    """Unix seconds as ISO 8601 in UTC with its offset, to the second (None stays None).
+
+    ``minutes``: the compact form for lines of text a model reads, "2026-11-30 07:05 UTC"
+    (the zone named once per stamp, no seconds)."""
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds")
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    if minutes:
+        return moment.strftime("%Y-%m-%d %H:%M UTC")
+    return moment.isoformat(timespec="seconds")
 
 
 def human_bytes(count: float | None) -> str | None:

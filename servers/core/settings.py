@@ -300,6 +300,9 @@ class Settings(BaseSettings):
     telegram_catch_up: bool = Field(
         default=True, description="Fetch messages missed while offline on connect."
     )
+    telegram_down_alert_seconds: float = Field(
+        default=300.0, gt=0, description="Telegram unreachable this long raises a health alert."
+    )
 
     # --- model for summaries / analysis (OpenAI-compatible; Ollama by default for daydream) ---
     daydream_base_url: str = Field(default="http://127.0.0.1:11434/v1")
@@ -354,6 +357,11 @@ class Settings(BaseSettings):
         le=600,
         description="A remote worker that has not refreshed its heartbeat in Redis for this long "
         "is taken for dead; its promise is queued again once.",
+    )
+    run_on_workers: bool = Field(
+        default=False,
+        description="Bridge runs go through the Redis queue to `valor worker` processes (one-shot "
+        "runs, progress streamed back through Redis); needs VALOR_PROMISE_QUEUE_URL=redis://…",
     )
 
     @property

@@ -6,8 +6,10 @@
   its time in ``spending``; a day is a UTC calendar day. A chat is warned once per day and cap
   when its spend passes ``VALOR_BUDGET_WARN_FRACTION`` of a cap; past a cap no new run starts.
 - A message refused by a cap is not lost: its inbox row stays open and a hold row says why.
-  The bridge releases it when the day resets or the operator raises the cap (then restarts
-  the bridge), and answers it then.
+  The bridge releases it when the day resets or the operator raises the cap, and answers it.
+- The daily caps can be changed while the bridge runs: ``valor budget set per-day 20`` writes
+  a ``spending_caps`` row that overrides the setting (read on every check; the bridge releases
+  held messages within a second); ``valor budget reset`` returns to the setting.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from servers.core.settings import Settings
 
 CHAT_CAP = "chat"  # VALOR_BUDGET_PER_CHAT_DAY_USD
+# The caps `valor budget set` may change live, and the setting each overrides.
+LIVE_CAPS = {"per-chat-day": "budget_per_chat_day_usd", "per-day": "budget_per_day_usd"}
 ALL_CAP = "all"  # VALOR_BUDGET_PER_DAY_USD
 RUN_CAP_SUBTYPE = "error_max_budget_usd"  # Claude Code's result when --max-budget-usd is hit
 
@@ -120,18 +124,52 @@ def by_chat(store: Store, window: Window) -> list[tuple[int, float, int]]:
     return [(int(r[0]), float(r[1]), int(r[2])) for r in rows]
 
 
+def set_cap(store: Store, cap: str, usd: float | None) -> None:
+    """Override a daily cap from now on (None: no cap), whatever the setting says."""
+    if cap not in LIVE_CAPS:
+        raise ValueError(f"not a cap that can be set: {cap!r} (one of {', '.join(LIVE_CAPS)})")
+    if usd is not None and not usd >= 0:  # NaN too
+        raise ValueError("a cap is a number of dollars, 0 or more")
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO spending_caps (cap, usd, set_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (cap) DO UPDATE SET usd = excluded.usd, set_at = excluded.set_at",
+            (cap, usd, now()),
+        )
+
+
+def reset_cap(store: Store, cap: str) -> bool:
+    """Drop an override: the setting holds again. False when there was none."""
+    with store.transaction() as conn:
+        return conn.execute("DELETE FROM spending_caps WHERE cap = ?", (cap,)).rowcount > 0
+
+
+def cap_overrides(store: Store) -> dict[str, float | None]:
+    return {row[0]: row[1] for row in store.query("SELECT cap, usd FROM spending_caps")}
+
+
+def daily_caps(store: Store, settings: Settings) -> dict[str, float | None]:
+    """The daily caps in force: an operator's override, else the setting."""
+    overrides = cap_overrides(store)
+    return {
+        cap: overrides[cap] if cap in overrides else getattr(settings, setting)
+        for cap, setting in LIVE_CAPS.items()
+    }
+
+
 def standing(
     store: Store, settings: Settings, chat_id: int, moment: float | None = None
 ) -> Standing:
     window = Window.containing(moment)
+    caps = daily_caps(store, settings)
     return Standing(
         chat_id=chat_id,
         window=window,
         chat_spent=spent(store, window, chat_id),
         all_spent=spent(store, window),
         per_run_cap=settings.budget_per_run_usd,
-        chat_cap=settings.budget_per_chat_day_usd,
-        all_cap=settings.budget_per_day_usd,
+        chat_cap=caps["per-chat-day"],
+        all_cap=caps["per-day"],
         warn_fraction=settings.budget_warn_fraction,
     )
 

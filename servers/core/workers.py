@@ -65,8 +65,9 @@ def alive_key(worker: str) -> str:
     return f"{PREFIX}:alive:{worker}"
 
 
-def cancel_key(promise_id: int) -> str:
-    return f"{PREFIX}:cancel:{int(promise_id)}"
+def cancel_key(work_id: int | str) -> str:
+    """A promise's id, or ``run:<id>`` for a bridge run (``servers.core.remote_runs``)."""
+    return f"{PREFIX}:cancel:{work_id if isinstance(work_id, str) else int(work_id)}"
 
 
 def redis_of(queue: Huey) -> Any:
@@ -149,6 +150,9 @@ class ToolHost:
             raise self._refused(response)
         response.raise_for_status()
         return str(response.json().get("worker", ""))
+
+    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        return self._client.post(self.base_url + path, json=body)
 
     def claim(self, promise_id: int, identity: WorkerIdentity) -> Claim | None:
         """The promise claimed for this worker, or None when it is no longer pending."""
@@ -431,7 +435,7 @@ class RemoteWorkerPool:
         self.refused: WorkerRefused | None = None
         self._stop = threading.Event()  # no new work
         self._drain = threading.Event()  # the grace period is over: interrupt running work
-        self._running: dict[int, threading.Event] = {}
+        self._running: dict[int | str, threading.Event] = {}  # promise ids, run:<id>
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -455,7 +459,7 @@ class RemoteWorkerPool:
         delay = 0.1
         while not self._stop.is_set():
             try:
-                task = self.queue.dequeue()  # blocks up to a second on Redis
+                task = self._next()  # blocks up to a second on Redis
             except Exception as exc:  # Redis restarting or unreachable: wait and retry
                 log.warning("promise queue unreachable: %s", type(exc).__name__)
                 self._stop.wait(delay)
@@ -467,7 +471,54 @@ class RemoteWorkerPool:
             elif task is not None:
                 self._take(task)
 
+    def _next(self) -> Any:
+        """A bridge run's ticket (first: a person waits for it) or a promise task, or None."""
+        from servers.core.remote_runs import RUNS_QUEUE, RunTicket
+
+        popped = self.channel.redis.brpop([RUNS_QUEUE, self.queue.storage.queue_key], timeout=1)
+        if not popped:
+            return None
+        key, data = popped
+        if (key.decode() if isinstance(key, bytes) else key) == RUNS_QUEUE:
+            return RunTicket(data.decode() if isinstance(data, bytes) else str(data))
+        return self.queue.deserialize_task(data)
+
+    def _take_run(self, ticket: Any) -> None:
+        from servers.core.remote_runs import claim_run, execute_run, run_work_key
+
+        try:
+            claim = claim_run(self.host, ticket.run_id, self.identity)
+        except WorkerRefused as exc:
+            self._give_back(ticket)
+            self.refused = exc
+            log.error("%s", exc.detail)
+            self._stop.set()
+            return
+        except Exception as exc:  # the daemon is restarting or unreachable: back in the queue
+            log.warning("could not claim bridge run %s (%s); queued again", ticket.run_id, exc)
+            self._give_back(ticket)
+            self._stop.wait(1.0)
+            return
+        if claim is None:
+            log.info("bridge run %s is no longer waiting; skipped", ticket.run_id)
+            return
+        work, cancelled = run_work_key(ticket.run_id), threading.Event()
+        with self._lock:
+            self._running[work] = cancelled
+        try:
+            status = execute_run(claim, cancelled, self.settings, self.channel.redis,
+                                 self.host.base_url, self.identity, self._drain)  # fmt: skip
+        finally:
+            with self._lock:
+                self._running.pop(work, None)
+        log.info("bridge run %s %s", ticket.run_id, status)
+
     def _take(self, task: Any) -> None:
+        from servers.core.remote_runs import RunTicket
+
+        if isinstance(task, RunTicket):
+            self._take_run(task)
+            return
         try:
             promise_id = int(task.args[0])
         except (AttributeError, IndexError, TypeError, ValueError):
@@ -505,7 +556,12 @@ class RemoteWorkerPool:
         log.info("promise %s %s", promise_id, outcome["status"])
 
     def _give_back(self, task: Any) -> None:
+        from servers.core.remote_runs import RUNS_QUEUE, RunTicket
+
         try:
+            if isinstance(task, RunTicket):  # next in line again
+                self.channel.redis.rpush(RUNS_QUEUE, task.run_id)
+                return
             self.queue.enqueue(task)
         except Exception as exc:  # the daemon's sweep queues it again from its store
             log.warning("could not queue a task again: %s", type(exc).__name__)
@@ -513,6 +569,8 @@ class RemoteWorkerPool:
     def _heartbeat(self) -> None:
         """The heartbeat key (expiring after ``heartbeat_seconds``) refreshed four times per
         period; cancellations polled twice a second."""
+        from servers.core.remote_runs import abandoned
+
         refresh = self.heartbeat_seconds / 4
         last_beat = time.monotonic()
         while not self._drain.is_set() or self.busy():
@@ -524,6 +582,8 @@ class RemoteWorkerPool:
                     running = dict(self._running)
                 for promise_id in self.channel.cancelled(running):
                     running[promise_id].set()
+                for work in abandoned(self.channel.redis, running):  # its bridge went away
+                    running[work].set()
             except Exception as exc:
                 log.debug("heartbeat failed: %s", type(exc).__name__)
             time.sleep(min(0.5, refresh))

@@ -111,3 +111,11 @@ class RedisServer:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real Redis for the test (a pytest plugin of tests/conftest.py)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -26,6 +26,23 @@ from telethon.tl import functions, types
 
 EPOCH = dt.datetime(2026, 11, 26, 7, 0, tzinfo=dt.UTC)
 
+# Who the offline tests talk as: a bot's credentials, Ann (allowlisted in the tests), Eve (a
+# stranger), and a forum supergroup.
+API = {"TELEGRAM_API_ID": "12345", "TELEGRAM_API_HASH": "0123456789abcdef0123456789abcdef"}
+BOT_TOKEN = "123456:" + "A" * 35
+ANN = types.User(id=42, access_hash=1, first_name="Ann")
+EVE = types.User(id=66, access_hash=6, first_name="Eve")
+FORUM = types.Channel(
+    id=900,
+    title="Forum",
+    photo=types.ChatPhotoEmpty(),
+    date=EPOCH,
+    access_hash=9,
+    megagroup=True,
+    forum=True,
+)
+FORUM_CHAT = -1_000_000_000_900  # FORUM's id as the bridge sees it (Telethon's marked id)
+
 
 class FakeTelegram:
     def __init__(self, *, bot_id: int = 123456, username: str = "valorbot", bot: bool = True):
@@ -69,6 +86,19 @@ class FakeTelegram:
         for sender in self.senders:
             if sender.is_connected() and sender._transport_connected():
                 sender._updates_queue.put_nowait(update)
+
+    def push(self, update: Any) -> None:
+        """Any other update (a button press) pushed on every open connection."""
+        updates = types.Updates(
+            updates=[update],
+            users=list(self.users.values()),
+            chats=list(self.chats.values()),
+            date=EPOCH,
+            seq=0,
+        )
+        for sender in self.senders:
+            if sender.is_connected() and sender._transport_connected():
+                sender._updates_queue.put_nowait(updates)
 
     def requested(self, kind: type) -> list[Any]:
         return [r for r in self.requests if isinstance(r, kind)]
@@ -122,9 +152,14 @@ class FakeTelegram:
             await asyncio.sleep(0.05)  # a download takes a while: later updates may overtake it
             return types.upload.File(type=types.storage.FileJpeg(), mtime=0, bytes=data)
         if isinstance(
-            request, functions.messages.SetTypingRequest | functions.messages.SendReactionRequest
+            request,
+            functions.messages.SetTypingRequest
+            | functions.messages.SendReactionRequest
+            | functions.messages.SetBotCallbackAnswerRequest,
         ):
             return True
+        if isinstance(request, functions.messages.EditMessageRequest):
+            return types.Updates(updates=[], users=[], chats=[], date=EPOCH, seq=0)
         raise errors.RPCError(request, f"the fake does not answer {type(request).__name__}", 400)
 
 
@@ -194,3 +229,16 @@ def attach(client: Any, server: FakeTelegram) -> Any:
     """Give a real TelegramClient the loopback sender; returns the client."""
     client._sender = LoopbackSender(server, client)
     return client
+
+
+def loopback_transport(settings: Any, server: FakeTelegram, authorize: Any = None) -> Any:
+    """The real ``TelegramTransport`` over Telethon's real client, talking to ``server``, with
+    reconnects quick enough for a test; ``authorize`` stands in for the bridge's allowlist."""
+    from bridge.telegram import TelegramTransport
+    from bridge.telegram_session import build_client
+
+    transport = TelegramTransport(attach(build_client(settings), server), settings)
+    transport.reconnect_delays = (0.05,)
+    if authorize is not None:
+        transport.authorize = authorize
+    return transport
