@@ -19,7 +19,7 @@ from servers.core.settings import get_settings
 from servers.core.store import get_store
 from tests.fakes.anthropic_api import FakeAnthropic
 from tests.fakes.openai_api import FakeOpenAI
-from tests.support import configure
+from tests.support import configure, free_port
 
 
 def check(name: str) -> tuple[str, str]:
@@ -90,7 +90,6 @@ def test_daydream_model_must_be_served(monkeypatch, fake_openai: FakeOpenAI):
 
 
 def test_the_default_daydream_endpoint_absent_is_only_off(monkeypatch, tmp_path):
-    from tests.support import free_port
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
     configure(monkeypatch, VALOR_DAYDREAM_BASE_URL=dead)
@@ -110,6 +109,23 @@ def test_openai_key_is_tried(monkeypatch):
         assert check("images and vision")[0] == OK
         configure(monkeypatch, OPENAI_API_KEY="sk-bad-openai-key")
         assert check("images and vision")[0] == BROKEN
+
+
+def test_the_transcription_endpoint_is_tried(monkeypatch):
+    assert check("voice notes")[0] == OFF
+    with FakeOpenAI(required_api_key="sk-good-openai-key") as fake:
+        configure(
+            monkeypatch,
+            VALOR_TRANSCRIPTION_BASE_URL=f"{fake.url}/v1",
+            VALOR_TRANSCRIPTION_API_KEY="sk-good-openai-key",
+        )
+        assert check("voice notes")[0] == OK
+        configure(monkeypatch, VALOR_TRANSCRIPTION_API_KEY="sk-bad-openai-key")
+        state, detail = check("voice notes")
+        assert state == BROKEN and "refused the key" in detail and "sk-bad" not in detail
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    configure(monkeypatch, VALOR_TRANSCRIPTION_BASE_URL=dead)
+    assert check("voice notes")[0] == BROKEN
 
 
 def test_telegram_session_is_checked_offline(monkeypatch):

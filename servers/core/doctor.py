@@ -78,6 +78,12 @@ def capability_report(settings: Settings) -> list[CapabilityStatus]:
             "set OPENAI_API_KEY to enable create_image and analyze_shared_image",
         ),
         _configured(
+            "voice notes (transcription)",
+            transcription_configured(settings),
+            "transcription endpoint configured",
+            TRANSCRIPTION_OFF,
+        ),
+        _configured(
             "Notion projects",
             _secret_set(settings.notion_api_key) and bool(settings.notion_workspaces),
             "NOTION_API_KEY and VALOR_NOTION_WORKSPACES are set",
@@ -175,6 +181,7 @@ def diagnose(settings: Settings) -> list[CapabilityStatus]:
         check_telegram_connection,
         check_daydream_model,
         check_openai,
+        check_transcription,
         check_perplexity,
         check_notion,
         check_chromium,
@@ -346,6 +353,43 @@ def check_openai(settings: Settings) -> CapabilityStatus:
         f"{settings.openai_base_url.rstrip('/')}/models",
         {"authorization": f"Bearer {key}"},
         "OPENAI_API_KEY",
+    )
+
+
+TRANSCRIPTION_OFF = (
+    "set OPENAI_API_KEY, or VALOR_TRANSCRIPTION_BASE_URL for a local Whisper-compatible server, "
+    "to transcribe voice notes"
+)
+
+
+def transcription_configured(settings: Settings) -> bool:
+    """As servers.core.transcription decides it (not imported: it loads the OpenAI layer)."""
+    return bool(
+        settings.transcription_base_url
+        or _secret_set(settings.transcription_api_key)
+        or _secret_set(settings.openai_api_key)
+    )
+
+
+def check_transcription(settings: Settings) -> CapabilityStatus:
+    """The endpoint's model list (free): reachable, and the key accepted. A local server that
+    does not list models (404) is reachable, which is what can be known without audio."""
+    name = "voice notes (transcription)"
+    if not transcription_configured(settings):
+        return _status(name, OFF, TRANSCRIPTION_OFF)
+    base = settings.transcription_base_url or settings.openai_base_url
+    key = settings.transcription_api_key or settings.openai_api_key
+    headers = {"authorization": f"Bearer {key.get_secret_value()}"} if _secret_set(key) else {}
+    url = f"{base.rstrip('/')}/models"
+    status, problem = http_get(url, headers)
+    if status is None:
+        return _status(name, BROKEN, f"cannot reach {url}: {problem}")
+    if status in (401, 403):
+        return _status(name, BROKEN, f"{url} refused the key (HTTP {status})")
+    if status >= 500:
+        return _status(name, BROKEN, f"{url} answered HTTP {status}")
+    return _status(
+        name, OK, f"{url} reachable (HTTP {status}); model {settings.transcription_model}"
     )
 
 

@@ -8,12 +8,13 @@ directory has everything it acknowledged.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.support.network import free_port
 
 START_TIMEOUT_SECONDS = 30.0
 
@@ -27,12 +28,6 @@ def redis_server_binary() -> str:
             "(apt-get install redis-server)"
         )
     return binary
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:
