@@ -8,17 +8,18 @@
   previous bridge did not finish are processed again; a redelivered message is a duplicate.
 - One FIFO per chat keeps order; a semaphore (``VALOR_MAX_CONCURRENT_RUNS``) bounds runs overall.
 - Tools are hosted once over HTTP on loopback; each run gets a config with a token for its chat.
-- Commands: ``/stop`` ends the running reply (``/stop all``: the chat's waiting messages too),
-  ``/new`` starts a fresh session, ``/status``, ``/cost`` (the chat's spend today and the caps).
+- Commands (``bridge/commands.py``): ``/stop`` ends the running reply (``/stop all``: the
+  chat's waiting messages too), ``/new`` starts a fresh session, ``/status``, ``/cost`` (the
+  chat's spend today and the caps).
 - Spending (``servers.core.spending``): each run's cost is stored with its time; past a daily
   cap a message is held (its row stays open) and released when the day resets or the cap rises;
   the per-run cap is Claude Code's own ``--max-budget-usd``.
 - Buttons: a transport that can show them (a Telegram bot, ``ButtonTransport``) gets approval
   questions with buttons and a Stop button on the live message; a press arrives as a message
   and passes the same checks as typed text.
-- Approvals: a run asks approval-tools about tools not allowed up front
-  (``servers.core.approvals``); the bridge puts each pending question to its chat and an
-  allowlisted user's ``yes CODE`` / ``always CODE`` / ``no CODE`` answers it at once.
+- Approvals (``bridge/chat_approvals.py``): a run asks approval-tools about tools not allowed
+  up front (``servers.core.approvals``); the bridge puts each pending question to its chat and
+  an allowlisted user's ``yes CODE`` / ``always CODE`` / ``no CODE`` answers it at once.
 - Warm sessions (``VALOR_WARM_*``): a chat's Claude Code stays resident between its messages
   (``servers.core.claude_resident``); a message that arrives mid-turn waits in the chat's queue,
   a process that dies mid-turn has the message re-run once in a fresh one (``--resume``).
@@ -40,16 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge import inbox
+from bridge import commands, inbox
+from bridge.chat_approvals import ChatApprovals
+from bridge.commands import buttons_of, in_topic, parse_command
 from bridge.reply import editing_reply
-from bridge.transport import (
-    Button,
-    ButtonTransport,
-    IncomingMessage,
-    ReplySink,
-    SentMessage,
-    Transport,
-)
+from bridge.transport import IncomingMessage, ReplySink, Transport
 from servers.core import approvals, history, outbox, spending
 from servers.core.claude_command import ClaudeRun
 from servers.core.claude_events import (
@@ -88,28 +84,13 @@ log = logging.getLogger("valor.bridge")
 # message written in a forum topic (only then, so a factory that knows no topics still works)
 ReplyFactory = Callable[..., ReplySink]
 PROCESS_KIND = "claude-bridge"
-COMMANDS = ("/stop", "/new", "/status", "/cost")
 PERSONA_PATH = Path(__file__).with_name("persona.md")
 OUTBOX_POLL_SECONDS = 1.0
-APPROVALS_POLL_SECONDS = 0.02  # while a run may ask: a question from another process this soon
-APPROVALS_MAX_BACKOFF_SECONDS = 5.0  # a failing store or transport is retried at most this late
 MAX_ATTEMPTS = 3  # runs of one message cut short by a bridge stop or crash before giving up
 FRESH_SESSION_NOTICE = (
     "The previous conversation session could not be resumed, so this reply started a fresh session."
 )
 HIDDEN_TOOLS = {"ToolSearch"}  # Claude Code's own lookups are not progress a person cares about
-
-
-def parse_command(text: str) -> str | None:
-    """``/stop`` or ``/stop@ValorBot`` → ``/stop``; anything else → None."""
-    word = text.strip().split(maxsplit=1)[0] if text.strip() else ""
-    word = word.split("@", 1)[0].lower()
-    return word if word in COMMANDS else None
-
-
-def in_topic(topic_id: int | None) -> dict[str, int]:
-    """The ``topic_id=`` keyword for a message written in a forum topic (nothing otherwise)."""
-    return {"topic_id": topic_id} if topic_id is not None else {}
 
 
 def key_of(row: inbox.InboxRow | IncomingMessage) -> ConversationKey:
@@ -207,7 +188,7 @@ class Bridge:
         self._lock_file: Any = None
         self._outbox_task: asyncio.Task[None] | None = None
         self._approvals_task: asyncio.Task[None] | None = None
-        self._approvals_wake: asyncio.Event | None = None  # set: the approvals loop looks now
+        self.chat_approvals = ChatApprovals(self)  # questions to the chat, answers from it
         self._prepend_context = not workdir_has_context_hook(self.settings.workdir)
         self.remote_runs = remote_runs  # VALOR_RUN_ON_WORKERS: runs go to remote workers
 
@@ -239,7 +220,7 @@ class Bridge:
             async with self._hosted_tools():
                 await self.recover()
                 self._outbox_task = asyncio.create_task(self._outbox_loop())
-                self._approvals_task = asyncio.create_task(self._approvals_loop())
+                self._approvals_task = asyncio.create_task(self.chat_approvals.loop())
                 self.warm.start_sweeping()
                 try:
                     yield self
@@ -358,18 +339,18 @@ class Bridge:
                 message.sender_id,
                 message.chat_id,
             )
-            await self._refuse_press(message)
+            await commands.refuse_press(self.transport, message)
             return "unauthorized"
         answer = approvals.parse_answer(message.text)
         if answer is not None:  # no mention needed in a group: it answers Valor's question
-            return await self._approval_answer(message, answer)
+            return await self.chat_approvals.answer(message, answer)
         if message.is_group and not (message.mentions_valor or message.replies_to_valor):
             return "ignored"
         command = parse_command(message.text)
         if command is not None:
             if not inbox.persist_incoming(self.store, message, status="command"):
                 return "duplicate"
-            await self._command(command, message)
+            await commands.run_command(self, command, message)
             return "command"
         row_id = inbox.persist_incoming(self.store, message)
         if not row_id:
@@ -392,232 +373,20 @@ class Bridge:
         self._enqueue(key_of(message), row_id)
         return "queued"
 
-    async def _command(self, command: str, message: IncomingMessage) -> None:
-        """Commands act on the conversation: the chat, or the forum topic they were sent in
-        (``/cost`` excepted: spending caps are per chat)."""
-        chat, topic, key = message.chat_id, message.topic_id, key_of(message)
-        if command == "/stop":
-            everything = message.text.lower().split()[1:2] == ["all"]
-            running = self._running.get(key)
-            if running is not None:
-                running.cancel.set()
-            cancelled = await self.cancel_queued(chat, topic) if everything else 0
-            if running is None and not cancelled:
-                reply = "Nothing is running in this chat."
-            elif not everything:
-                reply = "Stopping the current reply."
-            else:
-                what = "Stopping the current reply" if running else "Nothing was running"
-                plural = "s" if cancelled != 1 else ""
-                reply = f"{what}; cancelled {cancelled} waiting message{plural}."
-        elif command == "/cost":
-            reply = spending.cost_text(spending.standing(self.store, self.settings, chat))
-        elif command == "/new":
-            inbox.forget_session(self.store, chat, topic)
-            approvals.end_session_grants(self.store, chat)  # "allow for this session" ends too
-            await self.warm.close_chat(key, "new session")
-            reply = "Fresh start: the next message begins a new session."
-        else:
-            reply = self.status_text(chat, topic)
-        if message.button_press is not None and command == "/stop":
-            buttons = self._buttons()  # the Stop button: the presser's notice is enough
-            if buttons is not None:
-                await buttons.answer_button(message, reply)
-                return
-        await self._reply(message, reply)
-
-    async def _refuse_press(self, message: IncomingMessage) -> None:
-        """A stranger's button press changes nothing; only the presser is told."""
-        buttons = self._buttons()
-        if message.button_press is not None and buttons is not None:
-            with contextlib.suppress(Exception):
-                await buttons.answer_button(message, "Only an allowed user can answer this.")
-
+    # -- commands and approvals (bridge/commands.py, bridge/chat_approvals.py) ---------------
     async def cancel_queued(self, chat_id: int, topic_id: int | None = None) -> int:
-        """``/stop all``: every message of the conversation (the chat, or its forum topic)
-        waiting for its turn (queued, or held back by a spending cap) ends as cancelled, each
-        answered "Cancelled."; returns how many."""
-        key = conversation_key(chat_id, topic_id)
-        running = self._running.get(key)
-        waiting = [i for i in self._queues.get(key, ()) if not running or i != running.row.id]
-        waiting += [i for i, _ in spending.held(self.store, chat_id) if i not in waiting]
-        cancelled = 0
-        for row_id in waiting:
-            row = inbox.get_row(self.store, row_id)
-            if row is None or row.status != "pending" or row.topic_id != topic_id:
-                continue
-            inbox.mark_finished(self.store, row_id, "cancelled", "/stop all")
-            spending.release(self.store, row_id)
-            cancelled += 1
-            with contextlib.suppress(Exception):  # the cancellation stands even if unsaid
-                await self.transport.send_text(chat_id, "Cancelled.", reply_to=row.message_id)
-        return cancelled
+        """``/stop all``: cancel the conversation's waiting messages; returns how many."""
+        return await commands.cancel_queued(self, chat_id, topic_id)
+
+    def status_text(self, chat_id: int, topic_id: int | None = None) -> str:
+        return commands.status_text(self, chat_id, topic_id)
 
     def may_approve(self, message: IncomingMessage) -> bool:
-        """Only an allowlisted user answers a question (in a group too, where any member may
-        talk to Valor); at the console the person at the keyboard is the owner."""
-        return self.authorize_all or message.sender_id in self.settings.allowed_user_ids
-
-    async def _approval_answer(self, message: IncomingMessage, answer: approvals.Answer) -> str:
-        if not self.may_approve(message):
-            log.warning(
-                "ignored an approval answer from user %s in chat %s (not an allowlisted user)",
-                message.sender_id,
-                message.chat_id,
-            )
-            await self._refuse_press(message)
-            return "ignored"
-        if not inbox.persist_incoming(self.store, message, status="command"):
-            return "duplicate"
-        decided = approvals.decide(
-            self.store, message.chat_id, answer, message.sender_id, message.sender_name
-        )
-        if decided is None:
-            reply = f"No open question with the code {answer.code} in this chat."
-        elif decided.status == "denied":
-            reply = f"Denied {decided.tool_name}."
-        elif decided.scope == "session":
-            reply = f"Allowed {decided.tool_name} for this session."
-        else:
-            reply = f"Allowed {decided.tool_name} once."
-        await self._reply(message, reply)
-        if decided is not None:
-            await self._close_question(decided)
-        return "approval"
-
-    async def _close_question(self, approval: approvals.Approval) -> None:
-        """A question asked with buttons is edited to say how it ended, without them: an edit
-        that sends no reply markup takes an inline keyboard off (Telethon's ``buttons=None``
-        leaves the field out; its ``buttons=[]`` would build a reply keyboard, not an empty
-        inline one)."""
-        message_id = approvals.question_message(self.store, approval.id)
-        if message_id is None:
-            return
-        allowed = approvals.on_timeout(self.settings, approval.chat_id) == "allow"
-        text = approvals.closed_question_text(approval, allowed_on_timeout=allowed)
-        try:
-            await self.transport.edit_text(SentMessage(approval.chat_id, message_id), text)
-        except Exception as exc:  # the decision stands; the stale buttons answer "no question"
-            log.info("could not close approval question %s: %s", approval.code, exc)
-
-    def _buttons(self) -> ButtonTransport | None:
-        """The transport, when it can show inline buttons (a Telegram bot)."""
-        transport = self.transport
-        if isinstance(transport, ButtonTransport) and transport.buttons_enabled():
-            return transport
-        return None
-
-    async def _reply(self, message: IncomingMessage, text: str) -> None:
-        """Answer a message, or a button press (a short notice to the presser, and the text in
-        the chat for everyone else)."""
-        buttons = self._buttons()
-        if message.button_press is None or buttons is None:
-            await self.transport.send_text(message.chat_id, text, reply_to=message.message_id)
-            return
-        await buttons.answer_button(message, text)
-        await self.transport.send_text(
-            message.chat_id, f"{text} ({message.sender_name})", **in_topic(message.topic_id)
-        )
-
-    def _asks_approval(self) -> bool:
-        return (
-            self.settings.approvals == "on"
-            and self.tools is not None
-            and approvals.SERVER_NAME in self.tools.servers
-        )
-
-    async def _approvals_loop(self) -> None:
-        """Put each new question to its chat; tell a chat when one went unanswered. Wakes when
-        a question is asked or expires in this process (the tools are hosted here), reads the
-        store every 20 ms only while a run that may ask is in flight, and backs off on
-        failures, logging once per streak."""
-        wake, unsubscribe = approvals.waker()
-        self._approvals_wake = wake
-        failures = 0
-        try:
-            while True:
-                wake.clear()
-                try:
-                    await self.ask_pending_approvals()
-                except Exception as exc:  # a failed send is retried after a pause
-                    failures += 1
-                    if failures == 1:
-                        log.warning(
-                            "approval questions failed (retrying): %s", describe_exception(exc)
-                        )
-                else:
-                    if failures:
-                        log.info("approval questions work again after %d failures", failures)
-                    failures = 0
-                if failures:
-                    pause: float | None = min(
-                        APPROVALS_MAX_BACKOFF_SECONDS, APPROVALS_POLL_SECONDS * 2**failures
-                    )
-                elif self._running and self._asks_approval():
-                    pause = APPROVALS_POLL_SECONDS
-                else:
-                    pause = None  # nothing can ask until a run starts (it wakes us)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), pause)
-        finally:
-            unsubscribe()
-            self._approvals_wake = None
+        return self.chat_approvals.may_approve(message)
 
     async def ask_pending_approvals(self) -> int:
         """Ask every unasked question and report every unanswered one; returns how many."""
-        timeout = self.settings.approval_timeout_seconds
-        done = 0
-        buttons = self._buttons()
-        for approval in approvals.unasked(self.store):
-            asked_with: int | None = None  # the message whose buttons go once it is decided
-            if buttons is not None:  # a bot: Allow once / Allow for this session / Deny
-                sent = await buttons.send_buttons(
-                    approval.chat_id,
-                    approvals.question_text(approval, timeout, buttons=True),
-                    approval_buttons(approval.code),
-                )
-                asked_with = sent.message_id
-            else:
-                await self.transport.send_text(
-                    approval.chat_id, approvals.question_text(approval, timeout)
-                )
-            approvals.mark_asked(self.store, approval.id, asked_with)
-            done += 1
-        for approval in approvals.expired_untold(self.store):
-            allowed = approvals.on_timeout(self.settings, approval.chat_id) == "allow"
-            meaning = "allowed" if allowed else "denied"
-            await self.transport.send_text(
-                approval.chat_id,
-                f"No answer about {approval.tool_name} ({approval.code}) within {timeout:.0f} s: "
-                f"{meaning}.",
-            )
-            approvals.mark_told(self.store, approval.id)
-            await self._close_question(approval)
-            done += 1
-        return done
-
-    def status_text(self, chat_id: int, topic_id: int | None = None) -> str:
-        key = conversation_key(chat_id, topic_id)
-        running = self._running.get(key)
-        waiting = len(self._queues.get(key, ()))
-        last, total = inbox.last_cost(self.store, chat_id, topic_id)
-        lines = [
-            f"Queue: {waiting} waiting in this {'chat' if topic_id is None else 'topic'}.",
-            (
-                f"Running: a reply for {time.monotonic() - running.started:.0f} s."
-                if running
-                else "Running: nothing."
-            ),
-            f"Runs across all chats: {len(self._running)} of {self.settings.max_concurrent_runs}.",
-            "Last cost: " + (f"${last:.4f} (total ${total:.4f})." if last is not None else "none."),
-        ]
-        resident = self.warm.process_of(key)
-        if resident is not None and resident.alive:
-            lines.append(
-                f"Warm process: {resident.turns} turns, {resident.age / 60:.0f} min old "
-                f"({len(self.warm)} of {self.warm.limits.max_processes} warm)."
-            )
-        return "\n".join(lines)
+        return await self.chat_approvals.ask_pending()
 
     # -- the per-conversation queues ---------------------------------------------------------
     def _enqueue(self, chat_id: ConversationKey, row_id: int) -> None:
@@ -672,9 +441,9 @@ class Bridge:
         inbox.mark_running(self.store, row_id)
         running = RunningReply(row, asyncio.Event(), time.monotonic())
         self._running[key_of(row)] = running
-        if self._approvals_wake is not None:  # a run may ask: the loop starts reading the store
-            self._approvals_wake.set()
-        buttons = self._buttons()
+        if self.chat_approvals.wake is not None:  # a run may ask: the loop reads the store
+            self.chat_approvals.wake.set()
+        buttons = buttons_of(self.transport)
         if buttons is not None:  # a bot's live message carries Stop while the run lasts
             buttons.show_stop_button(row.chat_id, row.message_id, True)
         try:
@@ -821,7 +590,9 @@ class Bridge:
                 *self.settings.claude_extra_allowed_tools,
             ],
             append_system_prompt=self.persona or None,
-            permission_prompt_tool=approvals.PROMPT_TOOL if self._asks_approval() else None,
+            permission_prompt_tool=(
+                approvals.PROMPT_TOOL if self.chat_approvals.asks_approval() else None
+            ),
             max_budget_usd=self.settings.budget_per_run_usd,
             env=self.claude_env,
             process_kind=PROCESS_KIND,
@@ -1218,15 +989,6 @@ class Bridge:
             except Exception as exc:
                 log.error("releasing held messages failed: %s", describe_exception(exc))
             await asyncio.sleep(OUTBOX_POLL_SECONDS)
-
-
-def approval_buttons(code: str) -> list[Button]:
-    """A question's buttons; each press is the typed answer it names."""
-    return [
-        Button("✅ Allow once", f"yes {code}"),
-        Button("🔁 Allow for this session", f"always {code}"),
-        Button("⛔ Deny", f"no {code}"),
-    ]
 
 
 def _attach_generated_images(

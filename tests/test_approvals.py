@@ -524,7 +524,7 @@ async def test_the_question_loop_sleeps_while_idle_wakes_on_a_question_and_backs
         monkeypatch.setattr(approvals, "unasked", failing)
         reads = 0
         with caplog.at_level(logging.INFO, "valor.bridge"):
-            bridge._approvals_wake.set()
+            bridge.chat_approvals.wake.set()
             await wait_until_async(lambda: reads >= 4, timeout=30)
             assert reads <= 6  # 40, 80, 160, 320 ms … apart: backing off, not spinning
             monkeypatch.setattr(approvals, "unasked", counting)
