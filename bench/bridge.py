@@ -244,14 +244,15 @@ def launch_cost(starts: int = 50) -> tuple[float, float]:
     return statistics.median(wrapped) * 1000, statistics.median(plain) * 1000
 
 
-def unsandboxed_bridge(transport, env: dict[str, str], work: Path, tools):
-    """A bridge like the hosted one, with VALOR_SANDBOX=off (its own data dir: one bridge per
-    data dir) and the same hosted tools."""
+def variant_bridge(transport, env: dict[str, str], work: Path, tools, **settings_update):
+    """A bridge like the hosted one with some settings changed (and a data dir of its own: one
+    bridge per data dir), sharing the same hosted tools."""
     from bridge.pipeline import Bridge
     from servers.core.settings import get_settings
 
+    name = "-".join(f"{key}-{value}" for key, value in settings_update.items())
     settings = get_settings().model_copy(
-        update={"data_dir": work / "unsandboxed-data", "sandbox": "off"}
+        update={"data_dir": work / f"{name}-data", **settings_update}
     )
     return Bridge(
         transport,
@@ -286,7 +287,7 @@ async def sandbox_only(rounds: int, work: Path) -> None:
         on_bridge = Bridge(on_transport, claude_env=env, authorize_all=True)
         async with on_bridge.serving():
             assert on_bridge.tools is not None
-            off_bridge = unsandboxed_bridge(off_transport, env, work, on_bridge.tools)
+            off_bridge = variant_bridge(off_transport, env, work, on_bridge.tools, sandbox="off")
             async with off_bridge.serving():
                 await round_trip(on_bridge, on_transport, 1, 0)  # warm both, not measured
                 await round_trip(off_bridge, off_transport, 1, 0)
@@ -360,8 +361,8 @@ async def latency(rounds: int, work: Path) -> None:
                 runtime_mcp_config(config, work / "run") as hosted_config,
                 runtime_mcp_config(one_server, work / "run") as one_server_config,
             ):
-                off_bridge = unsandboxed_bridge(unsandboxed_transport, env, work, tools)
-                warm_bridge = warm_sessions_bridge(warm_transport, env, work, tools)
+                off_bridge = variant_bridge(unsandboxed_transport, env, work, tools, sandbox="off")
+                warm_bridge = variant_bridge(warm_transport, env, work, tools, warm_sessions="on")
                 async with stdio_bridge.serving(), off_bridge.serving(), warm_bridge.serving():
                     await bare_claude(env, REPO)  # warm the file cache once, not measured
                     await round_trip(warm_bridge, warm_transport, 5, 0)  # starts chat 5's process
@@ -425,25 +426,6 @@ async def latency(rounds: int, work: Path) -> None:
         f"{warm_ms:.0f} ms  ({'meets' if warm_ms <= 50 else 'MISSES'} the warm <= 50 ms target)"
     )
     sandbox_cost(times)
-
-
-def warm_sessions_bridge(transport, env: dict[str, str], work: Path, tools):
-    """A bridge like the hosted one with warm sessions on (its own data dir), sharing the
-    hosted tools."""
-    from bridge.pipeline import Bridge
-    from servers.core.settings import get_settings
-
-    settings = get_settings().model_copy(
-        update={"data_dir": work / "warm-data", "warm_sessions": "on"}
-    )
-    return Bridge(
-        transport,
-        settings=settings,
-        claude_env=env,
-        authorize_all=True,
-        tools_base_url=tools.base_url,
-        tools_secret=tools.secret,
-    )
 
 
 def main() -> None:

@@ -25,12 +25,9 @@ def emit(obj):
     sys.stdout.flush()
 
 
-def main():
-    args = sys.argv[1:]
-    session = args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4())
-    prompt = sys.stdin.read()
-    if prompts_dir := os.environ.get("FAKE_CLAUDE_PROMPTS_DIR"):
-        Path(prompts_dir, f"{os.getpid()}.txt").write_text(prompt)
+def answer(session: str, prompt: str, total_cost_usd: float, *, malformed: bool = False) -> None:
+    """One turn's stream-json: ``init``, the text, and a ``result`` carrying ``total_cost_usd``
+    (tests/fake_claude_stream.py answers each resident turn with it too)."""
     emit(
         {
             "type": "system",
@@ -44,14 +41,14 @@ def main():
     for word in prompt.split():
         if word.startswith("sleep:") and os.environ.get("FAKE_CLAUDE_NO_SLEEP") != "1":
             time.sleep(float(word.split(":", 1)[1]))
-    if "malformed" in prompt:
+    if malformed:
         sys.stdout.write('{"type": "assistant", "message": {"content": [BROKEN\n')
         emit({"type": "stream_event", "event": {"type": "something_new"}})
-    answer = "Echo: " + (prompt.strip().splitlines() or [""])[-1]
+    text = "Echo: " + (prompt.strip().splitlines() or [""])[-1]
     emit(
         {
             "type": "assistant",
-            "message": {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
             "session_id": session,
         }
     )
@@ -60,15 +57,24 @@ def main():
             "type": "result",
             "subtype": "success",
             "is_error": False,
-            "result": answer,
+            "result": text,
             "session_id": session,
-            "total_cost_usd": 0.001,
+            "total_cost_usd": total_cost_usd,
             "num_turns": 1,
             "duration_ms": 1,
             "usage": {},
             "permission_denials": [],
         }
     )
+
+
+def main():
+    args = sys.argv[1:]
+    session = args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4())
+    prompt = sys.stdin.read()
+    if prompts_dir := os.environ.get("FAKE_CLAUDE_PROMPTS_DIR"):
+        Path(prompts_dir, f"{os.getpid()}.txt").write_text(prompt)
+    answer(session, prompt, 0.001, malformed="malformed" in prompt)
 
 
 if __name__ == "__main__":

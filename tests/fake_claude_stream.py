@@ -8,54 +8,13 @@ tests/fake_claude.py. Used by the bridge bench's load part (bench/bridge.py).
 """
 
 import json
-import os
 import sys
-import time
 import uuid
 from pathlib import Path
 
-
-def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def answer(session: str, prompt: str, total: float) -> None:
-    emit(
-        {
-            "type": "system",
-            "subtype": "init",
-            "session_id": session,
-            "model": "fake-claude",
-            "tools": [],
-            "mcp_servers": [],
-        }
-    )
-    for word in prompt.split():
-        if word.startswith("sleep:") and os.environ.get("FAKE_CLAUDE_NO_SLEEP") != "1":
-            time.sleep(float(word.split(":", 1)[1]))
-    text = "Echo: " + (prompt.strip().splitlines() or [""])[-1]
-    emit(
-        {
-            "type": "assistant",
-            "session_id": session,
-            "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
-        }
-    )
-    emit(
-        {
-            "type": "result",
-            "subtype": "success",
-            "is_error": False,
-            "result": text,
-            "session_id": session,
-            "total_cost_usd": total,
-            "num_turns": 1,
-            "duration_ms": 1,
-            "usage": {},
-            "permission_denials": [],
-        }
-    )
+sys.path.insert(0, str(Path(__file__).parent))  # fake_claude is a sibling script
+import fake_claude
+from fake_claude import answer, emit
 
 
 def resident(session: str) -> None:
@@ -85,9 +44,6 @@ def resident(session: str) -> None:
 def main():
     args = sys.argv[1:]
     if "--input-format" not in args:
-        sys.path.insert(0, str(Path(__file__).parent))
-        import fake_claude
-
         fake_claude.main()
         return
     resident(args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4()))

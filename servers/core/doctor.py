@@ -381,16 +381,8 @@ def check_transcription(settings: Settings) -> CapabilityStatus:
     key = settings.transcription_api_key or settings.openai_api_key
     headers = {"authorization": f"Bearer {key.get_secret_value()}"} if _secret_set(key) else {}
     url = f"{base.rstrip('/')}/models"
-    status, problem = http_get(url, headers)
-    if status is None:
-        return _status(name, BROKEN, f"cannot reach {url}: {problem}")
-    if status in (401, 403):
-        return _status(name, BROKEN, f"{url} refused the key (HTTP {status})")
-    if status >= 500:
-        return _status(name, BROKEN, f"{url} answered HTTP {status}")
-    return _status(
-        name, OK, f"{url} reachable (HTTP {status}); model {settings.transcription_model}"
-    )
+    reachable = f"{url} reachable; model {settings.transcription_model}"
+    return _api_check(name, url, headers, "the key", broken_from=500, ok_detail=reachable)
 
 
 def check_perplexity(settings: Settings) -> CapabilityStatus:
@@ -431,15 +423,24 @@ def check_chromium(settings: Settings) -> CapabilityStatus:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _api_check(name: str, url: str, headers: dict[str, str], credential: str) -> CapabilityStatus:
+def _api_check(
+    name: str,
+    url: str,
+    headers: dict[str, str],
+    credential: str,
+    *,
+    broken_from: int = 400,
+    ok_detail: str | None = None,
+) -> CapabilityStatus:
+    """One GET: unreachable, 401/403 or a status from ``broken_from`` up is broken."""
     status, problem = http_get(url, headers)
     if status is None:
         return _status(name, BROKEN, f"cannot reach {url}: {problem}")
     if status in (401, 403):
         return _status(name, BROKEN, f"{url} refused {credential} (HTTP {status})")
-    if status >= 400:
+    if status >= broken_from:
         return _status(name, BROKEN, f"{url} answered HTTP {status}")
-    return _status(name, OK, f"{credential} accepted by {url}")
+    return _status(name, OK, ok_detail or f"{credential} accepted by {url}")
 
 
 def http_get(url: str, headers: dict[str, str]) -> tuple[int | None, str]:

@@ -454,6 +454,13 @@ def _watch_for_cancel(store: Store, promise_id: int, cancelled: threading.Event)
             cancelled.set()
 
 
+def stored_result(result: str | None) -> str | None:
+    """A result as the store keeps it: at most MAX_RESULT_CHARS, with what was cut said."""
+    if result is not None and len(result) > MAX_RESULT_CHARS:
+        return result[:MAX_RESULT_CHARS] + f"… [{len(result) - MAX_RESULT_CHARS} more characters]"
+    return result
+
+
 def _finish(
     store: Store,
     promise_id: int,
@@ -464,8 +471,7 @@ def _finish(
     cancelled: threading.Event,
 ) -> str:
     stamp = now()
-    if result is not None and len(result) > MAX_RESULT_CHARS:
-        result = result[:MAX_RESULT_CHARS] + f"… [{len(result) - MAX_RESULT_CHARS} more characters]"
+    result = stored_result(result)
     with store.transaction() as conn:
         changed = conn.execute(
             "UPDATE promises SET status = ?, result = ?, error = ?, finished_at = ?, "

@@ -414,9 +414,9 @@ def _concluded(
     spool = end.get("spool")
     if isinstance(spool, str) and spool:  # the hooks' tool-call records, as a local run's
         from servers.core.store import get_store
-        from servers.core.worker_results import _record_spool
+        from servers.core.worker_results import record_spool
 
-        _record_spool(get_store(settings.db_path), settings, request.chat_id, end)
+        record_spool(get_store(settings.db_path), settings, request.chat_id, end)
     return outcome
 
 

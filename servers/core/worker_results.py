@@ -146,9 +146,7 @@ def apply_result(store: Store, queue: Huey, settings: Settings, message: dict[st
             return "ignored: no longer running on that worker"
         return promises.recover_once(store, queue, promise, "was stopped")
     result, error = message.get("result"), message.get("error")
-    if isinstance(result, str) and len(result) > promises.MAX_RESULT_CHARS:
-        extra = len(result) - promises.MAX_RESULT_CHARS
-        result = result[: promises.MAX_RESULT_CHARS] + f"… [{extra} more characters]"
+    result = promises.stored_result(result) if isinstance(result, str) else result
     stamp = now()
     with store.transaction() as conn:
         changed = conn.execute(
@@ -178,11 +176,11 @@ def apply_result(store: Store, queue: Huey, settings: Settings, message: dict[st
             ).fetchone()[0]
             note = f"queued for chat {row['chat_id']} (outbox #{outbox_id})"
         conn.execute("UPDATE promises SET delivery = ? WHERE id = ?", (note, promise_id))
-    _record_spool(store, settings, row["chat_id"], message)
+    record_spool(store, settings, row["chat_id"], message)
     return status
 
 
-def _record_spool(
+def record_spool(
     store: Store, settings: Settings, chat_id: int | None, message: dict[str, Any]
 ) -> None:
     """The run's hook records (untrusted, as on this machine) as the promise's chat's rows."""

@@ -28,7 +28,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -486,18 +486,11 @@ class RemoteWorkerPool:
     def _take_run(self, ticket: Any) -> None:
         from servers.core.remote_runs import claim_run, execute_run, run_work_key
 
-        try:
-            claim = claim_run(self.host, ticket.run_id, self.identity)
-        except WorkerRefused as exc:
-            self._give_back(ticket)
-            self.refused = exc
-            log.error("%s", exc.detail)
-            self._stop.set()
-            return
-        except Exception as exc:  # the daemon is restarting or unreachable: back in the queue
-            log.warning("could not claim bridge run %s (%s); queued again", ticket.run_id, exc)
-            self._give_back(ticket)
-            self._stop.wait(1.0)
+        claimed, claim = self._claim(
+            ticket, lambda: claim_run(self.host, ticket.run_id, self.identity),
+            f"bridge run {ticket.run_id}",
+        )  # fmt: skip
+        if not claimed:
             return
         if claim is None:
             log.info("bridge run %s is no longer waiting; skipped", ticket.run_id)
@@ -524,18 +517,10 @@ class RemoteWorkerPool:
         except (AttributeError, IndexError, TypeError, ValueError):
             log.warning("skipped a queue item that is not a promise task")
             return
-        try:
-            claim = self.host.claim(promise_id, self.identity)
-        except WorkerRefused as exc:
-            self._give_back(task)
-            self.refused = exc
-            log.error("%s", exc.detail)
-            self._stop.set()
-            return
-        except Exception as exc:  # the daemon is restarting or unreachable: the task goes back
-            log.warning("could not claim promise %s (%s); queued again", promise_id, exc)
-            self._give_back(task)
-            self._stop.wait(1.0)
+        claimed, claim = self._claim(
+            task, lambda: self.host.claim(promise_id, self.identity), f"promise {promise_id}"
+        )
+        if not claimed:
             return
         if claim is None:
             log.info("promise %s is no longer pending; skipped", promise_id)
@@ -554,6 +539,23 @@ class RemoteWorkerPool:
             outcome.update(status=INTERRUPTED, result=None, error="the worker was stopped")
         self.channel.result(outcome, self._drain, give_up_after=10.0)
         log.info("promise %s %s", promise_id, outcome["status"])
+
+    def _claim(self, item: Any, claim: Callable[[], Any], what: str) -> tuple[bool, Any]:
+        """(True, the daemon's answer: the claim, or None when the work is no longer waiting),
+        or (False, None) when the daemon could not answer: the item is back in the queue, and
+        a refused worker token also stops this pool."""
+        try:
+            return True, claim()
+        except WorkerRefused as exc:
+            self._give_back(item)
+            self.refused = exc
+            log.error("%s", exc.detail)
+            self._stop.set()
+        except Exception as exc:  # the daemon is restarting or unreachable: back in the queue
+            log.warning("could not claim %s (%s); queued again", what, exc)
+            self._give_back(item)
+            self._stop.wait(1.0)
+        return False, None
 
     def _give_back(self, task: Any) -> None:
         from servers.core.remote_runs import RUNS_QUEUE, RunTicket
